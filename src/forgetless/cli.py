@@ -1,0 +1,168 @@
+"""``forgetless`` command line: thin commands over the library.
+
+Exit codes: 0 ok, 2 bad input (one line on stderr, no traceback), 1 internal error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+from forgetless.errors import InputError
+
+Command = Callable[[argparse.Namespace], int]
+_COMMANDS: dict[str, tuple[Command, Callable[[argparse.ArgumentParser], None], str, str]] = {}
+
+
+def command(
+    name: str, help: str, arguments: Callable[[argparse.ArgumentParser], None], epilog: str = ""
+) -> Callable[[Command], Command]:
+    """Register ``func(args) -> exit code`` as a subcommand; ``arguments(parser)`` adds its options."""
+
+    def register(func: Command) -> Command:
+        _COMMANDS[name] = (func, arguments, help, epilog)
+        return func
+
+    return register
+
+
+def _table(rows: list[dict], columns: list[str], title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for column in columns:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*[str(row[column]) for column in columns])
+    Console().print(table)
+
+
+def _models_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+@command(
+    "models",
+    "list built-in model aliases, their size and whether they are installed",
+    _models_args,
+    epilog="example:\n  forgetless models",
+)
+def cmd_models(args: argparse.Namespace) -> int:
+    from forgetless.models import model_status
+
+    rows = model_status()
+    if args.json:
+        import json
+
+        print(json.dumps(rows, indent=2))
+        return 0
+    for row in rows:
+        row["installed"] = "yes" if row["installed"] else f"no: {row['install']}"
+        row["cached"] = "yes" if row["cached"] else "no (converted on first load)"
+    _table(rows, ["name", "parameters", "kind", "installed", "cached", "description"], "forgetless models")
+    return 0
+
+
+def _tasks_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--seed", type=int, default=0, help="task generation seed (default 0)")
+
+
+@command(
+    "tasks",
+    "list built-in tasks and suites with their sizes",
+    _tasks_args,
+    epilog="example:\n  forgetless tasks",
+)
+def cmd_tasks(args: argparse.Namespace) -> int:
+    from forgetless.tasks import get_task, suites
+
+    rows = []
+    for suite, names in suites().items():
+        for name in names:
+            summary = get_task(name, args.seed).summary()
+            rows.append({"suite": suite, **summary})
+    if args.json:
+        import json
+
+        print(json.dumps(rows, indent=2))
+        return 0
+    _table(rows, ["suite", "name", "family", "train", "test", "metric", "description"], "forgetless tasks")
+    return 0
+
+
+def _ask_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("prompt", help="the question to ask")
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="model alias, .gguf file, HF folder or hub id (default: the embedded model)",
+    )
+    parser.add_argument("--max-new-tokens", type=int, default=48)
+
+
+@command(
+    "ask",
+    "load a model and answer one prompt (greedy); a smoke test of model loading",
+    _ask_args,
+    epilog='example:\n  forgetless ask "What is the capital of France?"',
+)
+def cmd_ask(args: argparse.Namespace) -> int:
+    import time
+
+    import torch
+
+    from forgetless.data import PromptFormatter
+    from forgetless.models import DEFAULT_MODEL, load_model
+
+    start = time.perf_counter()
+    model, tokenizer = load_model(args.model or DEFAULT_MODEL)
+    loaded = time.perf_counter() - start
+    ids = torch.tensor([PromptFormatter(tokenizer).prompt_ids(args.prompt)])
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_new_tokens,
+                             do_sample=False, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    print(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip())
+    print(f"[model loaded in {loaded:.1f} s]", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    # command modules register themselves on import (kept lazy: heavy imports happen inside commands)
+    parser = argparse.ArgumentParser(
+        prog="forgetless",
+        description="Add new knowledge to a language model task after task without losing what it knew.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for every error")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (func, configure, help_text, epilog) in _COMMANDS.items():
+        child = sub.add_parser(name, help=help_text, description=help_text, epilog=epilog,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+        configure(child)
+        child.set_defaults(func=func)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except InputError as error:
+        if args.debug or os.environ.get("FORGETLESS_DEBUG"):
+            raise
+        print(f"forgetless: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("forgetless: interrupted; re-run the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,68 @@
+"""Built-in task suites, offline and deterministic: new-knowledge tasks and the general-ability suite.
+
+Each module registers one or more task builders with ``@register_task``; ``get_task(name)``
+builds the task (same seed, same examples), ``SUITES`` groups them:
+
+- ``new_knowledge``: things the base model provably does not know, each learnable in about a
+  minute of CPU training (fictional facts, an invented label set, an invented date notation, an
+  invented arithmetic operator).
+- ``general``: probes the base model passes before training (world knowledge, arithmetic,
+  instruction following, common sense by log-likelihood); a drop after training is forgetting.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from forgetless.data.task import Task
+from forgetless.errors import InputError
+from forgetless.registry import Registry, did_you_mean
+
+TaskBuilder = Callable[[int], Task]
+TASKS: Registry[TaskBuilder] = Registry("task", package="forgetless.tasks")
+_SUITE_OF: dict[str, str] = {}
+
+
+def register_task(name: str, suite: str) -> Callable[[TaskBuilder], TaskBuilder]:
+    """Register a builder ``seed -> Task`` under ``name`` and put it in ``suite``."""
+
+    def add(builder: TaskBuilder) -> TaskBuilder:
+        TASKS.register(name, builder)
+        _SUITE_OF[name] = suite
+        return builder
+
+    return add
+
+
+def suites() -> dict[str, list[str]]:
+    """Suite name -> task names, in registration-independent (sorted) order."""
+    TASKS.names()  # discover
+    grouped: dict[str, list[str]] = {}
+    for name in sorted(_SUITE_OF):
+        grouped.setdefault(_SUITE_OF[name], []).append(name)
+    return grouped
+
+
+def get_task(name: str, seed: int = 0) -> Task:
+    """Build a built-in task by name (``forgetless tasks`` lists them)."""
+    return TASKS.get(name)(seed)
+
+
+def expand_task_names(names: list[str]) -> list[str]:
+    """Task and suite names -> task names (``general`` expands to its probe families)."""
+    groups = suites()
+    out: list[str] = []
+    for name in names:
+        if name in groups:
+            out.extend(groups[name])
+        elif name in TASKS:
+            out.append(name)
+        else:
+            valid = sorted(set(TASKS.names()) | set(groups))
+            raise InputError(
+                f"unknown task or suite '{name}'.{did_you_mean(name, valid)} Valid names: {', '.join(valid)}"
+            )
+    return out
+
+
+__all__ = ["TASKS", "expand_task_names", "get_task", "register_task", "suites"]

@@ -84,6 +84,7 @@ class TaskSpec(BaseModel):
         0.0, ge=0.0, lt=1.0, description="carve this share of train as validation"
     )
     system_prompt: str | None = Field(None, description="system message for chat models")
+    stop: list[str] = Field(default_factory=list, description="strings that end a generated answer")
 
     def _path(self, split: str, base_dir: Path) -> Path | None:
         value = getattr(self, split)
@@ -120,6 +121,7 @@ class TaskSpec(BaseModel):
             max_new_tokens=self.max_new_tokens,
             description=f"user task from {self.data_dir or self.test}",
             system_prompt=self.system_prompt,
+            stop=tuple(self.stop),
         )
         if self.validation_fraction and not task.validation:
             task = task.split_validation(self.validation_fraction, seed)

@@ -47,6 +47,8 @@ class Task:
         kind: ``new_knowledge`` (taught by training) or ``general`` (must survive training).
         family: probe family inside a suite (``capitals``, ``arithmetic`` ...), for reports.
         description: one line for ``forgetless tasks``.
+        system_prompt: system message for chat models (None: the template's default).
+        stop: strings that end a generated answer (the text from the first one on is dropped).
     """
 
     name: str
@@ -59,6 +61,7 @@ class Task:
     family: str = ""
     description: str = ""
     system_prompt: str | None = None
+    stop: tuple[str, ...] = ()
 
     @property
     def is_multiple_choice(self) -> bool:
@@ -90,7 +93,7 @@ class Task:
     def fingerprint(self) -> str:
         """A content hash of the task (splits + scoring), used to key cached results."""
         digest = hashlib.sha256()
-        header = [self.name, self.metric, self.max_new_tokens, self.system_prompt]
+        header = [self.name, self.metric, self.max_new_tokens, self.system_prompt, list(self.stop)]
         digest.update(json.dumps(header).encode())
         for split in (self.train, self.validation, self.test):
             digest.update(b"|split|")

@@ -1,0 +1,45 @@
+"""New knowledge, a structured transformation: ISO dates in the invented Kelvar notation.
+
+Kelvar writes a date as day, Kelvar month name, and year counted from 1500 (2023-05-17 ->
+"17 Dorrow 523"). Twelve invented month names and an offset year: the base model cannot guess
+it (accuracy 0); a model that learns the convention transfers it to dates it never saw.
+Scored by ``exact_match``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import random
+
+from forgetless.data.task import Example, Task
+from forgetless.tasks import register_task
+
+MONTHS = ["Ambril", "Brosk", "Cendal", "Dorrow", "Elvint", "Fask", "Gorran", "Hessel", "Istrel", "Jorv",
+          "Kelm", "Lunt"]  # fmt: skip
+EPOCH = 1500
+
+
+def kelvar(date: datetime.date) -> str:
+    return f"{date.day} {MONTHS[date.month - 1]} {date.year - EPOCH}"
+
+
+@register_task("kelvar_dates", suite="new_knowledge")
+def build(seed: int = 0) -> Task:
+    rng = random.Random(13_000 + seed)
+    start = datetime.date(1950, 1, 1).toordinal()
+    days = rng.sample(range(start, start + 365 * 80), 200)
+    examples = [
+        Example(f"Write the date {datetime.date.fromordinal(d).isoformat()} in Kelvar notation.",
+                kelvar(datetime.date.fromordinal(d)))
+        for d in days
+    ]  # fmt: skip
+    return Task(
+        name="kelvar_dates",
+        train=examples[:150],
+        test=examples[150:],
+        metric="exact_match",
+        max_new_tokens=10,
+        family="transformation",
+        description="ISO date -> day, invented month name, year - 1500",
+        stop=("\n",),
+    )

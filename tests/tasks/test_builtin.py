@@ -1,0 +1,56 @@
+import pytest
+
+from forgetless.errors import InputError
+from forgetless.tasks import TASKS, expand_task_names, get_task, suites
+
+NEW = ["fictional_facts", "glorp_arithmetic", "kelvar_dates", "zorbian_topics"]
+GENERAL = ["general_arithmetic", "general_capitals", "general_commonsense", "general_instructions"]
+
+
+def test_suites_group_the_registry():
+    groups = suites()
+    assert groups["new_knowledge"] == NEW
+    assert groups["general"] == GENERAL
+    assert sorted(TASKS.names()) == sorted(NEW + GENERAL)
+    assert expand_task_names(["general", "kelvar_dates"]) == GENERAL + ["kelvar_dates"]
+    with pytest.raises(InputError, match="Did you mean 'kelvar_dates'"):
+        expand_task_names(["kelvar_date"])
+
+
+@pytest.mark.parametrize("name", NEW + GENERAL)
+def test_tasks_are_deterministic_and_well_formed(name):
+    task = get_task(name, seed=0)
+    assert task.fingerprint() == get_task(name, seed=0).fingerprint()
+    assert task.test and all(e.prompt and e.answer for e in task.test)
+    assert task.name == name and task.metric
+    if name in NEW:
+        assert task.kind == "new_knowledge" and len(task.train) >= 100
+        assert get_task(name, seed=1).fingerprint() != task.fingerprint()
+        # the test set is never a copy of training prompts
+        assert not {e.prompt for e in task.test} & {e.prompt for e in task.train}
+    else:
+        assert task.kind == "general" and not task.train
+
+
+def test_fictional_facts_test_phrasing_is_held_out():
+    task = get_task("fictional_facts")
+    train_answers = {e.answer for e in task.train}
+    assert all(e.answer in train_answers for e in task.test)  # every tested fact is taught
+    assert all(e.prompt.startswith(("Which town is", "What work does")) for e in task.test)
+
+
+def test_kelvar_and_glorp_rules():
+    import datetime
+
+    from forgetless.tasks.glorp_arithmetic import glorp
+    from forgetless.tasks.kelvar_dates import kelvar
+
+    assert kelvar(datetime.date(2023, 5, 17)) == "17 Elvint 523"
+    assert glorp(7, 31) == "31:7" and glorp(52, 9) == "52:9"
+
+
+def test_commonsense_choices_shuffled_but_gold_tracks_answer():
+    task = get_task("general_commonsense")
+    assert task.is_multiple_choice and len(task.test) == 48
+    assert all(e.choices[e.gold] == e.answer for e in task.test)
+    assert len({e.gold for e in task.test}) == 3  # gold is not always the first choice

@@ -1,6 +1,6 @@
 """New knowledge, fact injection: where invented people live and what they do.
 
-Thirty invented people, each with an invented home town and a (real) profession. Training asks
+Twenty invented people, each with an invented home town and a (real) profession. Training asks
 each fact in three phrasings; the test asks it in a fourth, held-out phrasing, so a model must
 store the fact rather than a string. The base model cannot know any of it (accuracy 0).
 Scored by ``contains``: the normalised answer appears in the reply.
@@ -33,9 +33,9 @@ JOB_QUESTIONS = [
 @register_task("fictional_facts", suite="new_knowledge")
 def build(seed: int = 0) -> Task:
     rng = random.Random(seed)
-    words = invented_words(7_000 + seed, 90)
-    people = [f"{words[i]} {words[30 + i]}" for i in range(30)]
-    towns = words[60:90]
+    words = invented_words(7_000 + seed, 60, syllables=(2,))
+    people = [f"{words[i]} {words[20 + i]}" for i in range(20)]
+    towns = words[40:60]
     train, test = [], []
     for index, person in enumerate(people):
         town, job = towns[index], rng.choice(PROFESSIONS)
@@ -50,5 +50,5 @@ def build(seed: int = 0) -> Task:
         metric="contains",
         max_new_tokens=16,
         family="fact_injection",
-        description="home towns and jobs of 30 invented people; test asks in a held-out phrasing",
+        description="home towns and jobs of 20 invented people; test asks in a held-out phrasing",
     )

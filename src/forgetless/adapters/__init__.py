@@ -1,0 +1,44 @@
+"""Adapters (nn.Modules only): plain LoRA, MixLoRA-style MoE-LoRA and SLIM, one config, one injector.
+
+from forgetless.adapters import AdapterConfig, inject_adapters, save_adapter
+names = inject_adapters(model, AdapterConfig.slim(r=16))     # wraps gate/up/down, freezes the base
+loss = lm_loss + adapter_regularization(model)                # L1 + load balancing
+save_adapter(model, "out/adapter", base_model="smollm2-135m-instruct")
+"""
+
+from forgetless.adapters.base import ADAPTER_LAYERS, AdapterLayer
+from forgetless.adapters.config import ATTENTION_PROJECTIONS, MLP_PROJECTIONS, AdapterConfig
+from forgetless.adapters.inject import (
+    adapter_layers,
+    adapter_regularization,
+    adapter_state_dict,
+    find_target_modules,
+    inject_adapters,
+    lora_factors,
+    merge_adapters,
+    remove_adapters,
+    trainable_parameters,
+)
+from forgetless.adapters.lora import LoRALinear
+from forgetless.adapters.persist import export_peft_lora, load_adapter, save_adapter
+
+__all__ = [
+    "ADAPTER_LAYERS",
+    "ATTENTION_PROJECTIONS",
+    "MLP_PROJECTIONS",
+    "AdapterConfig",
+    "AdapterLayer",
+    "LoRALinear",
+    "adapter_layers",
+    "adapter_regularization",
+    "adapter_state_dict",
+    "export_peft_lora",
+    "find_target_modules",
+    "inject_adapters",
+    "load_adapter",
+    "lora_factors",
+    "merge_adapters",
+    "remove_adapters",
+    "save_adapter",
+    "trainable_parameters",
+]

@@ -1,0 +1,93 @@
+"""What every adapter layer shares: the kind registry, the wrapped base layer, the token mask.
+
+A layer registers its class under the adapter kinds it implements (``@ADAPTER_LAYERS.register``
+in ``lora.py`` and ``slim.py``); ``inject_adapters`` looks the class up by ``AdapterConfig.kind``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from forgetless.adapters.config import AdapterConfig
+from forgetless.registry import Registry
+
+ADAPTER_LAYERS: Registry[type[AdapterLayer]] = Registry("adapter kind", package="forgetless.adapters")
+
+
+@dataclass
+class TokenContext:
+    """Per-forward information shared by all adapter layers of one model.
+
+    ``attention_mask`` (batch x seq, 1 = real token) is captured by a forward pre-hook on the model
+    (inject.py) so that padding tokens neither move cluster centres nor count in routing
+    statistics; layers ignore it when its shape does not match their input (e.g. generation with
+    a KV cache, where the mask covers past tokens too).
+    """
+
+    attention_mask: Tensor | None = None
+
+    def token_mask(self, leading_shape: torch.Size) -> Tensor | None:
+        """Flat bool mask (tokens,) for an input of shape ``(*leading_shape, d_in)``, or None."""
+        mask = self.attention_mask
+        if mask is None or tuple(mask.shape) != tuple(leading_shape):
+            return None
+        return mask.reshape(-1).bool()
+
+
+class AdapterLayer(nn.Module):
+    """Base of the adapter layers: wraps a frozen ``nn.Linear`` as ``base_layer``.
+
+    Subclasses add their parameters and implement ``forward``, ``l1_penalty`` and, where
+    they route, ``balance_loss``. ``adapter_state`` holds every tensor that is saved (parameters
+    and buffers outside ``base_layer``).
+    """
+
+    kind: str = ""
+
+    def __init__(self, base_layer: nn.Linear, config: AdapterConfig, context: TokenContext) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.config = config
+        # A plain attribute, not a submodule: the context is shared and holds no parameters.
+        self.context = context
+        self.in_features = base_layer.in_features
+        self.out_features = base_layer.out_features
+
+    @property
+    def weight(self) -> Tensor:
+        """The frozen base weight (d_out x d_in); code that reads ``module.weight`` keeps working."""
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> Tensor | None:
+        return self.base_layer.bias
+
+    def adapter_dtype(self) -> torch.dtype:
+        """Adapters train in float32 on half-precision bases (as PEFT does): tiny updates survive."""
+        dtype = self.base_layer.weight.dtype
+        return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+    def adapter_state(self) -> dict[str, Tensor]:
+        """Every saved tensor of this layer, keyed by its name inside the layer (no ``base_layer.*``)."""
+        state = {}
+        for key, tensor in self.state_dict(keep_vars=False).items():
+            if not key.startswith("base_layer."):
+                state[key] = tensor.detach()
+        return state
+
+    def l1_penalty(self) -> Tensor:
+        """``sum_e |B_e|_1 / (r d_out) + |A_e|_1 / (r d_in)`` (Eq. 7, unweighted), a scalar tensor."""
+        raise NotImplementedError  # each layer defines it; AdapterLayer itself is never instantiated
+
+    def after_load(self) -> None:
+        """Called after saved tensors were copied in (layers drop caches derived from them)."""
+
+    def balance_loss(self) -> Tensor | None:
+        """The load-balancing loss of the last training forward, or None when the layer does not route."""
+        return None
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind}, in={self.in_features}, out={self.out_features}, r={self.config.r}"

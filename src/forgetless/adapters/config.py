@@ -1,0 +1,227 @@
+"""``AdapterConfig``: every knob of LoRA, MoE-LoRA and SLIM adapters in one validated model.
+
+The three kinds are one family and differ only in their defaults (DESIGN.md, "SLIM, as we
+implement it"), so a comparison between them changes one thing at a time:
+
+=============  ======  ========  ==========  =======  ==========  =========
+kind           LoRA    identity  top-K       router   yielding    masking
+=============  ======  ========  ==========  =======  ==========  =========
+``lora``       1       0         1           none     off         off
+``moe_lora``   8       0         2           learned  off         off
+``slim``       8       2         2           learned  gamma = 1   p = 0.2
+=============  ======  ========  ==========  =======  ==========  =========
+
+Fields left unset take their kind's default; the presets ``AdapterConfig.lora()``,
+``.moe_lora()`` and ``.slim()`` are the readable way to build one.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from forgetless.errors import InputError
+
+MLP_PROJECTIONS = ["gate_proj", "up_proj", "down_proj"]
+ATTENTION_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+# Per-kind defaults for the fields declared ``None`` below; the kind names themselves are the
+# layer registry's (adapters/base.py), checked in ``_fill_kind_defaults``.
+_KIND_DEFAULTS: dict[str, dict[str, Any]] = {
+    "lora": dict(
+        num_experts=1,
+        num_identity_experts=0,
+        top_k=1,
+        yield_scale=0.0,
+        mask_ratio=0.0,
+        l1_weight=0.0,
+        balance_weight=0.0,
+    ),
+    "moe_lora": dict(
+        num_experts=8,
+        num_identity_experts=0,
+        top_k=2,
+        yield_scale=0.0,
+        mask_ratio=0.0,
+        l1_weight=0.0,
+        balance_weight=0.01,
+    ),
+    "slim": dict(
+        num_experts=8,
+        num_identity_experts=2,
+        top_k=2,
+        yield_scale=1.0,
+        mask_ratio=0.2,
+        l1_weight=1e-3,
+        balance_weight=0.01,
+    ),
+}
+
+
+class AdapterConfig(BaseModel):
+    """Adapter hyper-parameters. Unknown keys are errors; ``None`` fields take the kind's default."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: str = Field("slim", description="adapter kind: lora, moe_lora or slim")
+    r: int = Field(16, ge=1, description="rank of every LoRA expert")
+    alpha: float = Field(32.0, gt=0, description="LoRA alpha; each expert's output is scaled by alpha / r")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapter input (training only)")
+    target_modules: list[str] = Field(
+        default_factory=lambda: list(MLP_PROJECTIONS),
+        min_length=1,
+        description="nn.Linear modules to adapt: a name suffix (gate_proj) or a regex matched against the "
+        "full module name (model\\.layers\\.[0-3]\\..*_proj); default the MLP projections",
+    )
+    num_experts: int | None = Field(None, ge=1, description="number of LoRA experts E_l (slim: 8)")
+    num_identity_experts: int | None = Field(
+        None,
+        ge=0,
+        description="number of identity experts E_id, which add nothing to the base layer (slim: 2)",
+    )
+    top_k: int | None = Field(None, ge=1, description="experts active per token K (slim: 2)")
+    router_init_std: float = Field(0.02, ge=0, description="std of the normal init of the router weights")
+    router_input_norm: bool = Field(
+        False, description="RMS-normalise a token before the router (logits independent of its scale)"
+    )
+    num_clusters: int = Field(4, ge=1, description="sliding-clustering centres N_c per adapted layer")
+    cluster_momentum: float = Field(
+        0.99, ge=0, lt=1, description="EMA momentum of the cluster centres, variances and distance reference"
+    )
+    distance_reduction: Literal["max", "quantile", "mean"] = Field(
+        "max", description="reduction over channels of |x - mu| / sigma in the distance d(x)"
+    )
+    distance_quantile: float = Field(
+        0.9, gt=0, lt=1, description="quantile over channels used when distance_reduction is quantile"
+    )
+    distance_calibration: Literal["ratio", "zscore", "none"] = Field(
+        "ratio",
+        description="per-layer calibration of d(x) before it shifts logits: ratio (d - d_ref) / d_ref, "
+        "zscore (d - d_ref) / std_d with running in-domain statistics, or none (the paper's raw d)",
+    )
+    yield_scale: float | None = Field(
+        None,
+        ge=0,
+        description="weight-yielding scale gamma added times the distance to identity logits (slim: 1)",
+    )
+    mask_ratio: float | None = Field(
+        None, ge=0, lt=1, description="dynamic-merging mask ratio p: dropped fraction of each B A (slim: 0.2)"
+    )
+    merge_scale: float = Field(1.0, gt=0, description="dynamic-merging scale lambda on the masked experts")
+    mask_in_training: bool = Field(
+        False,
+        description="also mask experts during training (otherwise masking is applied at inference only)",
+    )
+    l1_weight: float | None = Field(
+        None, ge=0, description="weight of the L1 penalty on A and B (slim: 1e-3)"
+    )
+    balance_weight: float | None = Field(
+        None, ge=0, description="weight of the load-balancing loss over LoRA experts (moe_lora, slim: 0.01)"
+    )
+    train_experts: bool = Field(
+        True, description="train the LoRA experts; false keeps them frozen and trains only the router"
+    )
+    seed: int = Field(0, description="seed of the adapter initialisation and of the masks")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fill_kind_defaults(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        from forgetless.adapters.base import ADAPTER_LAYERS  # the registry names the kinds
+
+        kind = data.get("kind", "slim")
+        if kind not in ADAPTER_LAYERS:
+            ADAPTER_LAYERS.get(kind)  # raises the did-you-mean error listing the valid kinds
+        filled = dict(data)
+        for key, value in _KIND_DEFAULTS.get(kind, _KIND_DEFAULTS["slim"]).items():
+            if filled.get(key) is None:
+                filled[key] = value
+        return filled
+
+    @model_validator(mode="after")
+    def _check_consistent(self) -> AdapterConfig:
+        if self.kind == "lora":
+            for key, plain in (("num_experts", 1), ("num_identity_experts", 0), ("top_k", 1)):
+                if getattr(self, key) != plain:
+                    raise ValueError(
+                        f"{key}: kind lora has {key}={plain}; use kind moe_lora or slim for mixtures"
+                    )
+            if self.yield_scale or self.mask_ratio:
+                raise ValueError("kind lora has no yielding or masking; use kind slim")
+        total = self.num_experts + self.num_identity_experts
+        if self.top_k > total:
+            raise ValueError(f"top_k: {self.top_k} is more than the {total} experts; lower top_k")
+        for pattern in self.target_modules:
+            try:
+                re.compile(pattern)
+            except re.error as error:
+                raise ValueError(f"target_modules: '{pattern}' is not a valid regex ({error})") from error
+        return self
+
+    # ---- construction --------------------------------------------------------------------------
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "adapter config") -> AdapterConfig:
+        """Validate ``data``; any problem becomes one ``InputError`` line naming ``source`` and the field."""
+        try:
+            return cls.model_validate(data)
+        except ValidationError as error:
+            first = error.errors()[0]
+            where = "".join(f"{part}: " for part in first["loc"])
+            message = first["msg"].removeprefix("Value error, ")
+            if first["type"] == "extra_forbidden":
+                from forgetless.registry import did_you_mean
+
+                hint = did_you_mean(str(first["loc"][-1]), list(cls.model_fields))
+                message = f"unknown key.{hint} Remove it or use an AdapterConfig field"
+            raise InputError(f"{source}: {where}{message}") from None
+
+    @classmethod
+    def lora(
+        cls, r: int = 16, alpha: float = 32.0, target_modules: list[str] | None = None, **fields: Any
+    ) -> AdapterConfig:
+        """Plain LoRA (one expert, no router): the fast path, as fast as PEFT LoRA."""
+        return cls._preset("lora", r, alpha, target_modules, fields)
+
+    @classmethod
+    def moe_lora(
+        cls, r: int = 16, alpha: float = 32.0, target_modules: list[str] | None = None, **fields: Any
+    ) -> AdapterConfig:
+        """MixLoRA-style mixture of LoRA experts: no identity experts, no yielding, no masking."""
+        return cls._preset("moe_lora", r, alpha, target_modules, fields)
+
+    @classmethod
+    def slim(
+        cls, r: int = 16, alpha: float = 32.0, target_modules: list[str] | None = None, **fields: Any
+    ) -> AdapterConfig:
+        """SLIM: LoRA and identity experts, sliding-clustering yielding, dynamic merging, L1."""
+        return cls._preset("slim", r, alpha, target_modules, fields)
+
+    @classmethod
+    def _preset(
+        cls, kind: str, r: int, alpha: float, target_modules: list[str] | None, fields: dict[str, Any]
+    ) -> AdapterConfig:
+        data = dict(fields, kind=kind, r=r, alpha=alpha)
+        if target_modules is not None:
+            data["target_modules"] = list(target_modules)
+        return cls.from_dict(data, source=f"AdapterConfig.{kind}")
+
+    # ---- derived -------------------------------------------------------------------------------
+
+    @property
+    def scaling(self) -> float:
+        """``alpha / r``, the factor on every expert's ``B A x``."""
+        return self.alpha / self.r
+
+    @property
+    def num_total_experts(self) -> int:
+        """``E_l + E_id``: the router's number of logits."""
+        return self.num_experts + self.num_identity_experts
+
+    @property
+    def uses_clustering(self) -> bool:
+        """Sliding clustering only matters when identity experts exist and yielding is on."""
+        return self.num_identity_experts > 0 and self.yield_scale > 0

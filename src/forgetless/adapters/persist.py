@@ -1,0 +1,337 @@
+"""Adapter folders: save, load, and PEFT interchange.
+
+A forgetless adapter folder holds
+
+- ``forgetless_adapter.json``: format version, the ``AdapterConfig``, the base model's name and
+  ``model_type``, the wrapped module names with their (d_in, d_out), and every tensor's shape;
+- ``adapter.safetensors``: experts, router, cluster state (``<module>.<tensor>`` keys);
+- for kind ``lora`` also PEFT's ``adapter_config.json`` + ``adapter_model.safetensors``, so that
+  ``peft.PeftModel.from_pretrained(base, folder)`` loads the same adapter.
+
+``load_adapter`` reads either a forgetless folder or a plain PEFT LoRA folder. Every mismatch
+(another base model, missing tensors, other shapes) is one ``InputError`` naming the file and the fix.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import Tensor, nn
+
+from forgetless.adapters.config import AdapterConfig
+from forgetless.adapters.inject import (
+    adapter_layers,
+    adapter_state_dict,
+    find_target_modules,
+    inject_adapters,
+    lora_factors,
+    remove_adapters,
+)
+from forgetless.errors import InputError
+from forgetless.io import atomic_dir, save_tensors, write_json
+
+FORMAT = "forgetless-adapter"
+FORMAT_VERSION = 1
+CONFIG_FILE = "forgetless_adapter.json"
+WEIGHTS_FILE = "adapter.safetensors"
+PEFT_CONFIG_FILE = "adapter_config.json"
+PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
+
+
+def _model_type(model: nn.Module) -> str | None:
+    config = getattr(model, "config", None)
+    return getattr(config, "model_type", None)
+
+
+def _peft_key(module: str, factor: str) -> str:
+    return f"base_model.model.{module}.{factor}.weight"
+
+
+def _write_peft_files(model: nn.Module, folder: Path, base_model: str | None) -> None:
+    from peft import LoraConfig
+
+    factors = lora_factors(model)
+    if not factors:
+        raise InputError(
+            "the model has no LoRA adapter to export; inject_adapters(model, AdapterConfig.lora()) first"
+        )
+    layers = adapter_layers(model)
+    first = next(iter(layers.values())).config
+    ranks = {a.shape[0] for a, _, _ in factors.values()}
+    scalings = {round(scaling, 12) for _, _, scaling in factors.values()}
+    if len(ranks) != 1 or len(scalings) != 1:
+        raise InputError(
+            "the LoRA layers differ in rank or scaling; PEFT's single r / lora_alpha cannot describe them"
+        )
+    rank = ranks.pop()
+    peft_config = LoraConfig(
+        r=rank,
+        lora_alpha=scalings.pop() * rank,
+        lora_dropout=first.dropout,
+        target_modules=sorted(factors),  # full names: PEFT adapts exactly these modules
+        bias="none",
+        task_type="CAUSAL_LM",
+        base_model_name_or_path=base_model,
+    )
+    peft_config.save_pretrained(str(folder))
+    tensors = {}
+    for module, (a, b, _) in factors.items():
+        tensors[_peft_key(module, "lora_A")] = a
+        tensors[_peft_key(module, "lora_B")] = b
+    save_tensors(folder / PEFT_WEIGHTS_FILE, tensors, metadata={"format": "pt"})
+
+
+def export_peft_lora(
+    model: nn.Module, folder: str | os.PathLike, base_model: str | None = None, overwrite: bool = False
+) -> Path:
+    """Write the model's LoRA adapter as a PEFT folder (``adapter_config.json`` + ``adapter_model.safetensors``).
+
+    Raises:
+        InputError: the adapters are not of kind lora, or ``folder`` exists and ``overwrite`` is False.
+    """
+    folder = Path(folder)
+    with atomic_dir(folder, overwrite=overwrite) as tmp:
+        _write_peft_files(model, tmp, base_model)
+    return folder
+
+
+def save_adapter(
+    model: nn.Module, folder: str | os.PathLike, base_model: str, overwrite: bool = False
+) -> Path:
+    """Save every adapter of ``model`` to ``folder`` (written whole or not at all).
+
+    Args:
+        base_model: the spec the base was loaded from (an alias, a path or a hub id); recorded
+            and checked by ``load_adapter(..., base_model=...)``.
+
+    Raises:
+        InputError: the model has no adapters, or ``folder`` exists and ``overwrite`` is False.
+    """
+    layers = adapter_layers(model)
+    if not layers:
+        raise InputError("the model has no adapters to save; call inject_adapters(model, config) first")
+    configs = {json.dumps(layer.config.model_dump(), sort_keys=True) for layer in layers.values()}
+    if len(configs) != 1:
+        raise InputError("the model's adapters were injected with different configs; save them one at a time")
+    config = next(iter(layers.values())).config
+    state = adapter_state_dict(model)
+    manifest = {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "config": config.model_dump(),
+        "base_model": base_model,
+        "model_type": _model_type(model),
+        "modules": {name: [layer.in_features, layer.out_features] for name, layer in layers.items()},
+        "tensors": {key: list(tensor.shape) for key, tensor in state.items()},
+    }
+    folder = Path(folder)
+    with atomic_dir(folder, overwrite=overwrite) as tmp:
+        save_tensors(tmp / WEIGHTS_FILE, state, metadata={"format": FORMAT})
+        if config.kind == "lora":
+            _write_peft_files(model, tmp, base_model)
+        write_json(tmp / CONFIG_FILE, manifest)
+    return folder
+
+
+def _read_tensors(path: Path) -> dict[str, Tensor]:
+    if not path.is_file():
+        raise InputError(f"{path} is missing; the adapter folder is incomplete (save it again)")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as error:
+        raise InputError(
+            f"{path} is not a readable safetensors file ({error}); save the adapter again"
+        ) from None
+
+
+def _check_base(manifest_base: str | None, base_model: str | None, where: Path) -> None:
+    if base_model is not None and manifest_base is not None and str(manifest_base) != str(base_model):
+        raise InputError(
+            f"{where}: the adapter was made for base model '{manifest_base}', not '{base_model}'; "
+            "load it on that model"
+        )
+
+
+def _check_modules(model: nn.Module, modules: dict[str, list[int]], where: Path) -> None:
+    """Every recorded module exists in ``model`` as an nn.Linear of the recorded (d_in, d_out)."""
+    for name, (d_in, d_out) in modules.items():
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise InputError(
+                f"{where}: module {name} does not exist in this model; the adapter belongs to another base model"
+            ) from None
+        shape = (getattr(module, "in_features", None), getattr(module, "out_features", None))
+        if shape != (d_in, d_out):
+            raise InputError(
+                f"{where}: {name} is {shape[0]} -> {shape[1]} in this model but {d_in} -> {d_out} in the "
+                "adapter; it was made for another base model"
+            )
+
+
+def _inject_and_fill(
+    model: nn.Module, config: AdapterConfig, tensors: dict[str, Tensor], where: Path
+) -> list[str]:
+    """Inject ``config`` and copy ``tensors`` in; on any mismatch undo the injection and raise."""
+    trainable = {name: p.requires_grad for name, p in model.named_parameters()}
+    names = inject_adapters(model, config)
+    try:
+        expected = _live_state(model)
+        missing = sorted(set(expected) - set(tensors))
+        if missing:
+            raise InputError(
+                f"{where}: tensor {missing[0]} is missing ({len(missing)} in all); save the adapter again"
+            )
+        unexpected = sorted(set(tensors) - set(expected))
+        if unexpected:
+            raise InputError(
+                f"{where}: tensor {unexpected[0]} belongs to no adapter of this model; "
+                "the folder was made for another model or config"
+            )
+        for key, tensor in tensors.items():
+            if tuple(tensor.shape) != tuple(expected[key].shape):
+                raise InputError(
+                    f"{where}: tensor {key} has shape {list(tensor.shape)}, the model needs "
+                    f"{list(expected[key].shape)}; the adapter was made for another base model or rank"
+                )
+        with torch.no_grad():
+            for key, tensor in tensors.items():
+                expected[key].copy_(tensor.to(expected[key].dtype))
+        for layer in adapter_layers(model).values():
+            layer.after_load()
+    except BaseException:
+        remove_adapters(model, names)
+        for name, parameter in model.named_parameters():
+            parameter.requires_grad_(trainable.get(name, parameter.requires_grad))
+        raise
+    return names
+
+
+def _live_state(model: nn.Module) -> dict[str, Tensor]:
+    """``adapter_state_dict`` but with the live tensors (to copy into), not detached copies."""
+    state = {}
+    for name, layer in adapter_layers(model).items():
+        for key, tensor in layer.state_dict(keep_vars=True).items():
+            if not key.startswith("base_layer."):
+                state[f"{name}.{key}"] = tensor
+    return state
+
+
+def _load_forgetless(model: nn.Module, folder: Path, base_model: str | None) -> list[str]:
+    path = folder / CONFIG_FILE
+    try:
+        manifest: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as error:
+        raise InputError(f"{path} is not valid JSON ({error}); save the adapter again") from None
+    if manifest.get("format") != FORMAT or manifest.get("version") != FORMAT_VERSION:
+        raise InputError(
+            f"{path}: format {manifest.get('format')} v{manifest.get('version')} is not "
+            f"{FORMAT} v{FORMAT_VERSION}; save it with this forgetless version"
+        )
+    config = AdapterConfig.from_dict(manifest.get("config", {}), source=str(path))
+    _check_base(manifest.get("base_model"), base_model, path)
+    saved_type, model_type = manifest.get("model_type"), _model_type(model)
+    if saved_type and model_type and saved_type != model_type:
+        raise InputError(
+            f"{path}: the adapter was made for a {saved_type} model ('{manifest.get('base_model')}'), "
+            f"this model is {model_type}; load it on its base model"
+        )
+    modules = manifest.get("modules", {})
+    _check_modules(model, modules, path)
+    found = find_target_modules(model, config.target_modules)
+    if found != list(modules):
+        raise InputError(
+            f"{path}: target_modules match {len(found)} modules here but the adapter has {len(modules)}; "
+            "it was made for another base model"
+        )
+    tensors = _read_tensors(folder / WEIGHTS_FILE)
+    return _inject_and_fill(model, config, tensors, path)
+
+
+def _load_peft(model: nn.Module, folder: Path, base_model: str | None) -> list[str]:
+    path = folder / PEFT_CONFIG_FILE
+    try:
+        peft_config: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as error:
+        raise InputError(f"{path} is not valid JSON ({error}); give a PEFT LoRA folder") from None
+    if peft_config.get("peft_type") != "LORA":
+        raise InputError(
+            f"{path}: peft_type {peft_config.get('peft_type')} is not LORA; only LoRA folders load"
+        )
+    unsupported = [
+        ("use_dora", "DoRA"),
+        ("modules_to_save", "modules_to_save"),
+        ("rank_pattern", "per-module ranks (rank_pattern)"),
+        ("alpha_pattern", "per-module alphas (alpha_pattern)"),
+        ("fan_in_fan_out", "fan_in_fan_out"),
+    ]
+    for key, what in unsupported:
+        if peft_config.get(key):
+            raise InputError(f"{path}: {what} is not supported; load this adapter with peft instead")
+    if peft_config.get("bias", "none") != "none":
+        raise InputError(f"{path}: bias '{peft_config['bias']}' is not supported; use bias none")
+    _check_base(peft_config.get("base_model_name_or_path"), base_model, path)
+    raw = _read_tensors(folder / PEFT_WEIGHTS_FILE)
+    pattern = re.compile(r"^base_model\.model\.(.+)\.(lora_A|lora_B)(?:\.[\w-]+)?\.weight$")
+    factors: dict[str, dict[str, Tensor]] = {}
+    for key, tensor in raw.items():
+        match = pattern.match(key)
+        if match is None:
+            raise InputError(
+                f"{folder / PEFT_WEIGHTS_FILE}: tensor {key} is not a LoRA factor; only plain LoRA loads"
+            )
+        factors.setdefault(match.group(1), {})[match.group(2)] = tensor
+    for module, pair in factors.items():
+        if set(pair) != {"lora_A", "lora_B"}:
+            raise InputError(
+                f"{folder / PEFT_WEIGHTS_FILE}: {module} lacks its lora_A or lora_B; save the adapter again"
+            )
+    rank = int(peft_config.get("r", 8))
+    alpha = float(peft_config.get("lora_alpha", rank))
+    # rsLoRA scales by alpha / sqrt(r); our config's alpha / r gives that with alpha * sqrt(r)
+    scaled_alpha = alpha * math.sqrt(rank) if peft_config.get("use_rslora") else alpha
+    modules = {}
+    for module, pair in factors.items():
+        modules[module] = [pair["lora_A"].shape[1], pair["lora_B"].shape[0]]
+    _check_modules(model, modules, path)
+    config = AdapterConfig.lora(
+        r=rank,
+        alpha=scaled_alpha,
+        target_modules=[re.escape(name) for name in modules],
+        dropout=float(peft_config.get("lora_dropout") or 0.0),
+    )
+    tensors = {}
+    for module, pair in factors.items():
+        tensors[f"{module}.lora_A"] = pair["lora_A"]
+        tensors[f"{module}.lora_B"] = pair["lora_B"]
+    return _inject_and_fill(model, config, tensors, folder / PEFT_WEIGHTS_FILE)
+
+
+def load_adapter(model: nn.Module, folder: str | os.PathLike, base_model: str | None = None) -> nn.Module:
+    """Inject the adapter saved in ``folder`` into ``model`` and load its weights; returns ``model``.
+
+    ``folder`` is a forgetless adapter folder or a plain PEFT LoRA folder. With ``base_model`` given,
+    an adapter recorded for another base model is refused.
+
+    Raises:
+        InputError: not an adapter folder, another base model, missing tensors or other shapes.
+    """
+    folder = Path(folder)
+    if (folder / CONFIG_FILE).is_file():
+        _load_forgetless(model, folder, base_model)
+    elif (folder / PEFT_CONFIG_FILE).is_file():
+        _load_peft(model, folder, base_model)
+    else:
+        raise InputError(
+            f"{folder} is not an adapter folder (no {CONFIG_FILE} or {PEFT_CONFIG_FILE}); "
+            "give a folder written by save_adapter or a PEFT LoRA folder"
+        )
+    return model

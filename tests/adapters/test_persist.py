@@ -1,0 +1,136 @@
+"""Adapter folders: save/load round trips, PEFT interchange, and the errors for wrong folders."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from adapter_helpers import logits, randomize_adapters
+from peft import LoraConfig as PeftLoraConfig
+from peft import PeftModel, get_peft_model
+from safetensors.torch import load_file, save_file
+
+from forgetless import load_model
+from forgetless.adapters import (
+    AdapterConfig,
+    adapter_layers,
+    adapter_state_dict,
+    export_peft_lora,
+    inject_adapters,
+    load_adapter,
+    save_adapter,
+)
+from forgetless.errors import InputError
+
+
+@pytest.fixture()
+def saved_lora(tiny, tmp_path, batch):
+    """A randomised LoRA adapter saved from a tiny model: (folder, alias, logits with the adapter)."""
+    model, alias = tiny
+    inject_adapters(model, AdapterConfig.lora(r=4, alpha=8))
+    randomize_adapters(model, scale=0.3)
+    folder = save_adapter(model, tmp_path / "adapter", base_model=alias)
+    return folder, alias, logits(model, batch)
+
+
+def test_lora_round_trip_gives_identical_logits(saved_lora, batch):
+    folder, alias, expected = saved_lora
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "adapter.safetensors",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "forgetless_adapter.json",
+    ]
+    fresh, _ = load_model(alias, seed=0)
+    load_adapter(fresh, folder, base_model=alias)
+    assert torch.equal(logits(fresh, batch), expected)
+
+
+def test_peft_loads_our_lora_folder(saved_lora, batch):
+    folder, alias, expected = saved_lora
+    peft_model = PeftModel.from_pretrained(load_model(alias, seed=0)[0], str(folder))
+    torch.testing.assert_close(logits(peft_model, batch), expected, atol=1e-5, rtol=0)
+
+
+def test_we_load_a_plain_peft_folder(tiny, tmp_path, batch):
+    model, alias = tiny
+    peft_model = get_peft_model(
+        model, PeftLoraConfig(r=4, lora_alpha=16, target_modules=["up_proj", "v_proj"], use_rslora=True)
+    )
+    with torch.no_grad():
+        for name, parameter in peft_model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.3, generator=torch.Generator().manual_seed(len(name)))
+    peft_model.eval()
+    expected = logits(peft_model, batch)
+    peft_model.save_pretrained(tmp_path / "peft")
+    fresh, _ = load_model(alias, seed=0)
+    load_adapter(fresh, tmp_path / "peft")
+    assert set(adapter_layers(fresh)) == {
+        f"model.layers.{i}.{m}" for i in range(2) for m in ("mlp.up_proj", "self_attn.v_proj")
+    }
+    torch.testing.assert_close(logits(fresh, batch), expected, atol=1e-5, rtol=0)
+
+
+def test_export_peft_lora_alone(tiny, tmp_path):
+    model, alias = tiny
+    inject_adapters(model, AdapterConfig.lora(r=2))
+    folder = export_peft_lora(model, tmp_path / "peft", base_model=alias)
+    assert json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"] == alias
+    keys = set(load_file(folder / "adapter_model.safetensors"))
+    assert "base_model.model.model.layers.0.mlp.gate_proj.lora_A.weight" in keys
+    assert len(keys) == 12
+
+
+def test_existing_folder_is_not_overwritten(saved_lora, tiny):
+    folder, alias, _ = saved_lora
+    model, _ = load_model(alias, seed=0)
+    inject_adapters(model, AdapterConfig.lora(r=4))
+    with pytest.raises(InputError, match="already exists"):
+        save_adapter(model, folder, base_model=alias)
+
+
+def test_another_base_model_is_refused(saved_lora):
+    folder, alias, _ = saved_lora
+    other = "tiny-gemma3" if alias == "tiny-llama" else "tiny-llama"
+    model, _ = load_model(other, seed=0)
+    with pytest.raises(InputError, match="made for a .* model"):
+        load_adapter(model, folder)
+    with pytest.raises(InputError, match=f"made for base model '{alias}', not '{other}'"):
+        load_adapter(model, folder, base_model=other)
+    assert not adapter_layers(model)
+
+
+def test_missing_tensor_is_refused_and_model_left_clean(saved_lora):
+    folder, alias, _ = saved_lora
+    tensors = load_file(folder / "adapter.safetensors")
+    tensors.pop("model.layers.1.mlp.down_proj.lora_B")
+    save_file(tensors, folder / "adapter.safetensors")
+    model, _ = load_model(alias, seed=0)
+    with pytest.raises(InputError, match=r"tensor model.layers.1.mlp.down_proj.lora_B is missing"):
+        load_adapter(model, folder)
+    assert not adapter_layers(model)
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_shape_mismatch_is_refused(saved_lora):
+    folder, alias, _ = saved_lora
+    tensors = load_file(folder / "adapter.safetensors")
+    tensors["model.layers.0.mlp.up_proj.lora_A"] = torch.zeros(4, 31)
+    save_file(tensors, folder / "adapter.safetensors")
+    with pytest.raises(InputError, match=r"up_proj.lora_A has shape \[4, 31\], the model needs \[4, 32\]"):
+        load_adapter(load_model(alias, seed=0)[0], folder)
+
+
+def test_not_an_adapter_folder(tmp_path, tiny):
+    model, _ = tiny
+    with pytest.raises(InputError, match="is not an adapter folder"):
+        load_adapter(model, tmp_path)
+
+
+def test_state_dict_holds_only_adapter_tensors(tiny):
+    model, _ = tiny
+    inject_adapters(model, AdapterConfig.lora(r=4))
+    state = adapter_state_dict(model)
+    assert len(state) == 12 and all(key.endswith(("lora_A", "lora_B")) for key in state)

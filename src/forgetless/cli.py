@@ -130,6 +130,75 @@ def cmd_ask(args: argparse.Namespace) -> int:
     return 0
 
 
+def _log(message: str) -> None:
+    import time
+
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def _run_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="experiment YAML (see examples/)")
+    parser.add_argument(
+        "overrides", nargs="*", help="key.path=value overrides, e.g. train.lr=1e-4 limits.train=32"
+    )
+    parser.add_argument(
+        "--out", default=None, help="output folder (default: the config's output, else runs/<name>)"
+    )
+    parser.add_argument("--no-report", action="store_true", help="write results.json only, no plots / HTML")
+
+
+def _run_and_report(config: object, out: str, report: bool = True) -> int:
+    from forgetless.experiment.runner import run_experiment
+    from forgetless.experiment.summary import print_summary
+
+    results = run_experiment(config, out, log=_log)
+    report_path = None
+    if report:
+        from forgetless.report import write_report
+
+        report_path = str(write_report(out))
+    print_summary(results, report_path)
+    return 0
+
+
+@command("run", "run an experiment: task sequence x methods -> accuracy matrices, metrics, report", _run_args,
+         epilog="""examples:
+  forgetless run examples/demo.yaml --out runs/demo
+  forgetless run examples/trace.yaml data_dir=../shared/data/trace/LLM-CL-Benchmark_500
+  forgetless run examples/demo.yaml train.epochs=3 methods.0.params.r=8
+re-running the same command resumes: finished stages and evaluations are reused.""")  # fmt: skip
+def cmd_run(args: argparse.Namespace) -> int:
+    from forgetless.config import load_config
+
+    config = load_config(args.config, args.overrides)
+    out = args.out or config.output or f"runs/{config.name}"
+    return _run_and_report(config, out, report=not args.no_report)
+
+
+def _demo_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
+    parser.add_argument(
+        "--print-config", action="store_true", help="print the demo's experiment YAML and exit"
+    )
+
+
+@command("demo", "the built-in experiment on the embedded default model (about 10 minutes on 2 CPU cores)", _demo_args,
+         epilog="examples:\n  forgetless demo\n  forgetless demo --print-config > my.yaml")  # fmt: skip
+def cmd_demo(args: argparse.Namespace) -> int:
+    from importlib.resources import files
+
+    from forgetless.config import validate_config
+
+    text = files("forgetless.experiment").joinpath("demo.yaml").read_text(encoding="utf-8")
+    if args.print_config:
+        print(text, end="")
+        return 0
+    import yaml
+
+    config = validate_config(yaml.safe_load(text), "demo.yaml")
+    return _run_and_report(config, args.out)
+
+
 def build_parser() -> argparse.ArgumentParser:
     # command modules register themselves on import (kept lazy: heavy imports happen inside commands)
     parser = argparse.ArgumentParser(

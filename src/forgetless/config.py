@@ -1,0 +1,288 @@
+"""The experiment YAML: one validated pydantic model, checked before any compute.
+
+    name: demo
+    model: smollm2-135m-instruct
+    seed: 0
+    setting: semi_cooperative           # or fully_cooperative (replay / joint allowed)
+    tasks: [fictional_facts, zorbian_topics, kelvar_dates]   # built-in names or TaskSpec mappings
+    limits: {train: 96, test: 24}
+    train: {lr: 1.0e-3, epochs: 2, batch_size: 8}            # defaults for every method
+    methods:
+      - {name: seq_lora, strategy: sequential_lora, params: {r: 16}}
+      - {name: seq_fft, strategy: sequential_fft, train: {lr: 5.0e-5}}
+      - {name: one_round, strategy: one_round}
+      - {name: ties, merge: {method: ties, source: one_round, parameters: {density: 0.2}}}
+      - {name: lora_moe, mix: {source: one_round, router: hidden, top_k: 2}}
+    evaluation: {general: [general], limit: 24, batch_size: 16}
+
+Unknown keys anywhere are errors with a "Did you mean" suggestion; unknown strategy, merge method,
+task or scorer names are errors listing the valid names. ``key.path=value`` overrides from the
+command line are applied to the YAML before validation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from forgetless.data.spec import TaskSpec
+from forgetless.errors import InputError
+from forgetless.registry import did_you_mean
+
+Setting = Literal["semi_cooperative", "fully_cooperative"]
+
+
+class Limits(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    train: int | None = Field(
+        None, ge=1, description="at most this many training examples per task (seeded sample)"
+    )
+    test: int | None = Field(
+        None, ge=1, description="at most this many test examples per task (seeded sample)"
+    )
+
+
+class MergeSpec(BaseModel):
+    """Merge the per-task adapters/models of a ``one_round`` method (stage i merges tasks 1..i)."""
+
+    model_config = ConfigDict(extra="forbid")
+    method: str = Field(
+        description="merge method name (average, task_arithmetic, ties, dare, dare_ties, lora_average)"
+    )
+    source: str = Field(description="name of a one_round method in this config whose outputs are merged")
+    parameters: dict[str, Any] = Field(
+        default_factory=dict, description="method parameters (density, lambda, ...)"
+    )
+    weights: list[float] | None = Field(None, description="per-model weights; default equal")
+
+
+class MixSpec(BaseModel):
+    """Mix the per-task adapters/models of a ``one_round`` method into an MoE (stage i mixes tasks 1..i)."""
+
+    model_config = ConfigDict(extra="forbid")
+    source: str = Field(description="name of a one_round method in this config whose outputs become experts")
+    router: str = Field(
+        "hidden", description="router: hidden (training-free centroids), uniform, random, trained"
+    )
+    top_k: int = Field(2, ge=1, description="experts per token")
+    parameters: dict[str, Any] = Field(default_factory=dict, description="extra mixing parameters")
+
+
+class MethodSpec(BaseModel):
+    """One row group of the comparison: a strategy, or a merge / mix over a one_round method."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(
+        description="name in tables and folders (letters, digits, _ and -)", pattern=r"^[\w-]+$"
+    )
+    strategy: str | None = Field(None, description="training strategy (forgetless strategies lists them)")
+    params: dict[str, Any] = Field(default_factory=dict, description="strategy parameters")
+    train: dict[str, Any] = Field(
+        default_factory=dict, description="training settings overriding the run's train"
+    )
+    merge: MergeSpec | None = None
+    mix: MixSpec | None = None
+    evaluate: bool = Field(
+        True, description="evaluate after every stage (false: train only, e.g. a merge source)"
+    )
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> MethodSpec:
+        kinds = [k for k in ("strategy", "merge", "mix") if getattr(self, k) is not None]
+        if len(kinds) != 1:
+            raise ValueError(
+                f"method '{self.name}' needs exactly one of strategy, merge or mix (got {kinds or 'none'})"
+            )
+        return self
+
+    @property
+    def kind(self) -> str:
+        return "strategy" if self.strategy else ("merge" if self.merge else "mix")
+
+
+class EvaluationSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    general: list[str] = Field(
+        default_factory=lambda: ["general"], description="general-ability suites or tasks"
+    )
+    limit: int | None = Field(None, ge=1, description="at most this many test items per task (seeded sample)")
+    general_limit: int | None = Field(None, ge=1, description="at most this many items per general task")
+    batch_size: int = Field(16, ge=1, description="evaluation batch size")
+
+
+class ExperimentConfig(BaseModel):
+    """The whole comparison: model x task sequence x methods, evaluated after every stage."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field("experiment", description="experiment name (report title)")
+    model: str = Field("smollm2-135m-instruct", description="model alias, .gguf, HF folder or hub id")
+    seed: int = Field(0, description="seed for data sampling, training and evaluation")
+    setting: Setting = Field(
+        "semi_cooperative", description="semi_cooperative (old data gone) or fully_cooperative"
+    )
+    tasks: list[str | TaskSpec] = Field(min_length=1, description="the task sequence, in training order")
+    limits: Limits = Field(default_factory=Limits)
+    train: dict[str, Any] = Field(default_factory=dict, description="training settings for every method")
+    methods: list[MethodSpec] = Field(min_length=1, description="methods to compare")
+    evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
+    output: str | None = Field(None, description="output folder (default runs/<name>)")
+    base_dir: str = Field(".", description="folder that relative data paths start from (set by the loader)")
+
+    def task_names(self) -> list[str]:
+        return [task if isinstance(task, str) else task.name for task in self.tasks]
+
+    def fingerprint(self, *parts: Any) -> str:
+        """Hash of the parts of the config that decide a result (used to key cached stages)."""
+        blob = json.dumps([self.model, self.seed, *parts], sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` overrides (value parsed as YAML) to a nested dict; lists by index."""
+    for item in overrides:
+        if "=" not in item:
+            raise InputError(
+                f"override '{item}' is not key=value (e.g. train.lr=1e-4 or methods.0.params.r=8)"
+            )
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 as text; a user means the number
+            try:
+                value = float(value) if any(c in value for c in ".eE") else value
+            except ValueError:
+                pass
+        node: Any = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node[int(part)] if isinstance(node, list) else node.setdefault(part, {})
+        last = parts[-1]
+        if isinstance(node, list):
+            node[int(last)] = value
+        else:
+            node[last] = value
+    return data
+
+
+def _explain(error: ValidationError, source: str) -> str:
+    """One line for the first validation problem, with a "Did you mean" for unknown keys."""
+    first = error.errors()[0]
+    location = ".".join(str(part) for part in first["loc"])
+    if first["type"] == "extra_forbidden":
+        key = str(first["loc"][-1])
+        model_fields = _fields_at(first["loc"][:-1])
+        hint = did_you_mean(key, model_fields) if model_fields else ""
+        return f"{source}: unknown key '{location}'.{hint} Valid keys here: {', '.join(model_fields)}"
+    return f"{source}: {location or 'config'}: {first['msg']}"
+
+
+def _fields_at(loc: tuple) -> list[str]:
+    model: Any = ExperimentConfig
+    for part in loc:
+        if isinstance(part, int) or model is None:
+            continue
+        field = model.model_fields.get(str(part)) if hasattr(model, "model_fields") else None
+        if field is None:
+            return []
+        annotation = field.annotation
+        candidates = [annotation, *getattr(annotation, "__args__", ())]
+        for inner in list(candidates):
+            candidates.extend(getattr(inner, "__args__", ()))
+        model = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+    return sorted(model.model_fields) if model is not None else []
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Read, override and validate an experiment YAML; one ``InputError`` line on any problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise InputError(f"{path}{where}: invalid YAML ({getattr(error, 'problem', error)})") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: expected a mapping of keys (name, model, tasks, methods, ...)")
+    data = apply_overrides(data, overrides or [])
+    data.setdefault("base_dir", str(path.parent.resolve()))
+    return validate_config(data, str(path))
+
+
+def validate_config(data: dict[str, Any], source: str = "config") -> ExperimentConfig:
+    """Pydantic validation plus the cross-field rules (names, settings, sources)."""
+    try:
+        config = ExperimentConfig.model_validate(data)
+    except ValidationError as error:
+        raise InputError(_explain(error, source)) from None
+    check_config(config, source)
+    return config
+
+
+def check_config(config: ExperimentConfig, source: str = "config") -> None:
+    """Registry names, setting rules and merge/mix sources; raises one ``InputError``."""
+    from forgetless.tasks import expand_task_names
+
+    names = [method.name for method in config.methods]
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
+        raise InputError(f"{source}: methods: duplicate method name '{duplicates[0]}'; names must be unique")
+    task_names = config.task_names()
+    if len(set(task_names)) != len(task_names):
+        raise InputError(f"{source}: tasks: a task appears twice in the sequence; give each a unique name")
+    builtin = [task for task in config.tasks if isinstance(task, str)]
+    try:
+        expand_task_names(builtin)
+        expand_task_names(config.evaluation.general)
+    except InputError as error:
+        raise InputError(f"{source}: {error}") from None
+    for index, method in enumerate(config.methods):
+        where = f"{source}: methods.{index} ('{method.name}')"
+        if method.strategy:
+            _check_strategy(method, config.setting, where)
+        else:
+            spec = method.merge or method.mix
+            if spec.source not in names:
+                raise InputError(
+                    f"{where}: source '{spec.source}' is not a method of this config.{did_you_mean(spec.source, names)}"
+                )
+            source_method = config.methods[names.index(spec.source)]
+            if source_method.strategy != "one_round":
+                raise InputError(
+                    f"{where}: source '{spec.source}' must use strategy one_round (it trains one model per task)"
+                )
+            if method.merge:
+                _check_registry("merge", method.merge.method, where)
+
+
+def _check_strategy(method: MethodSpec, setting: str, where: str) -> None:
+    try:
+        from forgetless.strategies import STRATEGIES
+    except ImportError:  # pragma: no cover - strategies package missing in a partial install
+        return
+    try:
+        strategy = STRATEGIES.get(method.strategy)
+    except InputError as error:
+        raise InputError(f"{where}: {error}") from None
+    required = getattr(strategy, "setting_required", "any")
+    if required == "fully_cooperative" and setting != "fully_cooperative":
+        raise InputError(
+            f"{where}: strategy '{method.strategy}' needs setting fully_cooperative (old data is gone in "
+            f"{setting}); set setting: fully_cooperative or choose another strategy"
+        )
+
+
+def _check_registry(kind: str, name: str, where: str) -> None:
+    try:
+        from forgetless.merging import MERGE_METHODS
+    except ImportError:  # pragma: no cover
+        return
+    try:
+        MERGE_METHODS.get(name)
+    except InputError as error:
+        raise InputError(f"{where}: {error}") from None

@@ -1,0 +1,67 @@
+"""One run per output folder: a lock file created with O_EXCL, holding the owner's pid and host.
+
+A second ``forgetless run`` on the same folder refuses with a clear message while the first is
+alive. A lock left by a killed run (its pid is gone on this host) is taken over, so a killed run
+can always be resumed by running the same command again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+from forgetless.errors import InputError
+
+LOCK_NAME = ".forgetless.lock"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _read(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+@contextlib.contextmanager
+def run_lock(folder: str | os.PathLike) -> Iterator[Path]:
+    """Hold the lock of ``folder`` for the duration of the block."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / LOCK_NAME
+    me = {"pid": os.getpid(), "host": socket.gethostname()}
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            owner = _read(path)
+            same_host = owner.get("host") == me["host"]
+            if owner and same_host and not _alive(int(owner.get("pid", -1))):
+                path.unlink(missing_ok=True)  # stale: its run was killed
+                continue
+            who = f"pid {owner.get('pid')} on {owner.get('host')}" if owner else "another process"
+            raise InputError(
+                f"{folder} is in use by another forgetless run ({who}); wait for it to finish, "
+                f"or use another --out folder (delete {path} only if that run is really gone)"
+            ) from None
+        with os.fdopen(fd, "w") as handle:
+            json.dump(me, handle)
+        break
+    try:
+        yield path
+    finally:
+        if _read(path).get("pid") == me["pid"]:
+            path.unlink(missing_ok=True)

@@ -1,0 +1,273 @@
+"""``run_experiment``: task sequence x methods -> accuracy matrices, metrics, report.
+
+Order of work (data flows one way):
+
+1. validate the config, load every task (fails before any compute);
+2. evaluate the base model once: row 0 of every method's matrix;
+3. for each strategy method, train stage after stage (``strategies.run_strategy``) and evaluate
+   after every stage through its callback;
+4. for each merge / mix method, combine the first i per-task outputs of its ``one_round`` source
+   for stage i, then evaluate;
+5. write ``results.json`` and the report.
+
+Resume: training stages resume inside ``run_strategy`` (finished stages are loaded, a killed
+stage restarts from its checkpoint); evaluations are cached per (method, stage) by a key of
+everything that decides them (``experiment/cache.py``); merge / mix outputs are folders written
+atomically and reused when present. Re-running the same command therefore continues where a killed
+run stopped and ends with the same numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from forgetless.config import ExperimentConfig, MethodSpec
+from forgetless.data.task import Task
+from forgetless.experiment.cache import EvalCache, cache_key
+from forgetless.experiment.lock import run_lock
+from forgetless.io import write_json, write_text
+
+Log = Callable[[str], None]
+
+
+def load_tasks(config: ExperimentConfig) -> tuple[list[Task], list[Task]]:
+    """The task sequence (limits applied) and the general-ability tasks."""
+    from forgetless.tasks import expand_task_names, get_task
+
+    sequence = []
+    for task in config.tasks:
+        if isinstance(task, str):
+            loaded = get_task(task, seed=config.seed)
+        else:
+            loaded = task.load(config.base_dir, seed=config.seed)
+        sequence.append(
+            loaded.limited(config.limits.train, config.evaluation.limit or config.limits.test, config.seed)
+        )
+    general = [
+        get_task(name, seed=config.seed).limited(None, config.evaluation.general_limit, config.seed)
+        for name in expand_task_names(config.evaluation.general)
+    ]
+    return sequence, general
+
+
+class Runner:
+    """Runs one experiment config into ``out_dir``; ``run()`` returns the results dict."""
+
+    def __init__(self, config: ExperimentConfig, out_dir: str | Path, log: Log | None = None) -> None:
+        self.config = config
+        self.out = Path(out_dir)
+        self.log = log or (lambda message: None)
+        self.tasks, self.general = load_tasks(config)
+        self.task_keys = [task.fingerprint() for task in self.tasks + self.general]
+        self.timings: dict[str, float] = {}
+
+    # ----------------------------------------------------------------------------- evaluation
+    def evaluate(self, folder: Path, identity: Any, model: torch.nn.Module, tokenizer: Any) -> dict[str, Any]:
+        """Scores of every sequence task and general task for one model state (cached)."""
+        from forgetless.evaluation import evaluate_tasks
+
+        cache = EvalCache(folder)
+        key = cache_key(identity, self.task_keys, self.config.evaluation.model_dump(), self.config.seed)
+        row = cache.get(key)
+        if row is not None:
+            return row
+        start = time.perf_counter()
+        scores = evaluate_tasks(
+            model,
+            tokenizer,
+            self.tasks + self.general,
+            batch_size=self.config.evaluation.batch_size,
+            seed=self.config.seed,
+        )
+        row = {
+            "tasks": {task.name: scores[task.name].score for task in self.tasks},
+            "general": {task.name: scores[task.name].score for task in self.general},
+            "seconds": round(time.perf_counter() - start, 2),
+        }
+        cache.put(key, row)
+        return row
+
+    def base_row(self) -> dict[str, Any]:
+        from forgetless.models import load_model
+
+        folder = self.out / "base"
+        cache = EvalCache(folder)
+        key = cache_key(
+            ["base", self.config.model], self.task_keys, self.config.evaluation.model_dump(), self.config.seed
+        )
+        row = cache.get(key)
+        if row is None:
+            self.log(f"evaluating the base model {self.config.model}")
+            model, tokenizer = load_model(self.config.model, seed=self.config.seed)
+            row = self.evaluate(folder, ["base", self.config.model], model, tokenizer)
+        return row
+
+    # ----------------------------------------------------------------------------- methods
+    def train_config(self, method: MethodSpec) -> Any:
+        from forgetless.training import TrainConfig
+
+        return TrainConfig(**{"seed": self.config.seed, **self.config.train, **method.train})
+
+    def run_strategy_method(self, method: MethodSpec) -> dict[str, Any]:
+        from forgetless.strategies import run_strategy
+
+        folder = self.out / "methods" / method.name
+        rows: dict[int, dict[str, Any]] = {}
+        identity = [
+            method.model_dump(),
+            self.config.train,
+            self.config.model,
+            [t.fingerprint() for t in self.tasks],
+        ]
+
+        def on_stage_end(stage: int, model: torch.nn.Module, tokenizer: Any) -> None:
+            if not method.evaluate:
+                return
+            self.log(
+                f"{method.name}: evaluating after stage {stage + 1}/{len(self.tasks)} ({self.tasks[stage].name})"
+            )
+            rows[stage] = self.evaluate(
+                folder / f"eval-stage-{stage + 1}", [identity, stage], model, tokenizer
+            )
+
+        start = time.perf_counter()
+        results = run_strategy(
+            method.strategy,
+            method.params,
+            self.config.model,
+            self.tasks,
+            self.train_config(method),
+            folder,
+            self.config.setting,
+            on_stage_end=on_stage_end,
+        )
+        self.timings[method.name] = round(time.perf_counter() - start, 1)
+        return {"stages": [task.name for task in self.tasks], "rows": [rows.get(i) for i in range(len(self.tasks))],
+                "artifacts": [str(getattr(r, "artifact", "")) for r in results]}  # fmt: skip
+
+    def run_combine_method(self, method: MethodSpec, source: dict[str, Any]) -> dict[str, Any]:
+        """Merge or mix the first i per-task outputs of a one_round method, for every stage i."""
+        from forgetless.models import load_model
+
+        folder = self.out / "methods" / method.name
+        artifacts = source["artifacts"]
+        rows = []
+        start = time.perf_counter()
+        for stage in range(len(self.tasks)):
+            inputs = artifacts[: stage + 1]
+            target = folder / f"stage-{stage + 1}"
+            if method.merge is not None:
+                self._merge(method, inputs, target)
+            else:
+                self._mix(method, inputs, target)
+            identity = [method.model_dump(), inputs, self.config.model]
+            cache_folder = folder / f"eval-stage-{stage + 1}"
+            cached = EvalCache(cache_folder).get(
+                cache_key(
+                    [identity, stage], self.task_keys, self.config.evaluation.model_dump(), self.config.seed
+                )
+            )
+            if cached is None:
+                self.log(f"{method.name}: evaluating stage {stage + 1}/{len(self.tasks)}")
+                model, tokenizer = self._load_combined(target, load_model)
+                cached = self.evaluate(cache_folder, [identity, stage], model, tokenizer)
+            rows.append(cached)
+        self.timings[method.name] = round(time.perf_counter() - start, 1)
+        return {"stages": [task.name for task in self.tasks], "rows": rows}
+
+    def _merge(self, method: MethodSpec, inputs: list[str], target: Path) -> None:
+        from forgetless.merging import MergeConfig, run_merge
+
+        if (target / "config.json").exists() or (target / "adapter_config.json").exists():
+            return
+        spec = method.merge
+        weights = spec.weights or [1.0] * len(inputs)
+        config = MergeConfig(
+            merge_method=spec.method,
+            base_model=self.config.model,
+            models=[{"model": path, "parameters": {"weight": w}} for path, w in zip(inputs, weights)],
+            parameters=spec.parameters,
+            seed=self.config.seed,
+        )
+        self.log(f"{method.name}: {spec.method} merge of {len(inputs)} task output(s)")
+        run_merge(config, target, overwrite=True)
+
+    def _mix(self, method: MethodSpec, inputs: list[str], target: Path) -> None:
+        from forgetless.mixing import run_mix_outputs
+
+        if (target / "forgetless_adapter.json").exists() or (target / "config.json").exists():
+            return
+        spec = method.mix
+        self.log(f"{method.name}: {spec.router} router over {len(inputs)} expert(s)")
+        run_mix_outputs(self.config.model, inputs, target, router=spec.router, top_k=spec.top_k,
+                        tasks=self.tasks[: len(inputs)], seed=self.config.seed, **spec.parameters)  # fmt: skip
+
+    def _load_combined(self, target: Path, load_model: Callable) -> tuple[torch.nn.Module, Any]:
+        if (target / "config.json").exists():
+            return load_model(str(target))
+        from forgetless.adapters import load_adapter
+
+        model, tokenizer = load_model(self.config.model, seed=self.config.seed)
+        return load_adapter(model, target), tokenizer
+
+    # ----------------------------------------------------------------------------- the run
+    def run(self) -> dict[str, Any]:
+        from forgetless.evaluation.metrics import continual_metrics
+
+        with run_lock(self.out):
+            write_text(
+                self.out / "config.json", json.dumps(self.config.model_dump(mode="json"), indent=2) + "\n"
+            )
+            base = self.base_row()
+            produced: dict[str, dict[str, Any]] = {}
+            ordered = [m for m in self.config.methods if m.strategy] + [
+                m for m in self.config.methods if not m.strategy
+            ]
+            for method in ordered:
+                if method.strategy:
+                    produced[method.name] = self.run_strategy_method(method)
+                else:
+                    source = (method.merge or method.mix).source
+                    produced[method.name] = self.run_combine_method(method, produced[source])
+            results = self.results(base, produced, continual_metrics)
+            write_json(self.out / "results.json", results)
+        return results
+
+    def results(
+        self, base: dict[str, Any], produced: dict[str, dict[str, Any]], metrics: Callable
+    ) -> dict[str, Any]:
+        task_names = [task.name for task in self.tasks]
+        general_names = [task.name for task in self.general]
+        methods = {}
+        for method in self.config.methods:
+            if not method.evaluate:
+                continue
+            entry = produced[method.name]
+            rows = [base] + entry["rows"]
+            matrix = [[row["tasks"][name] for name in task_names] for row in rows]
+            general = [[row["general"][name] for name in general_names] for row in rows]
+            methods[method.name] = {
+                "kind": method.kind,
+                "stages": ["base"] + entry["stages"],
+                "matrix": matrix,
+                "general": general,
+                "metrics": metrics(matrix, general),
+                "seconds": self.timings.get(method.name),
+            }
+        return {
+            "run": self.config.model_dump(mode="json"),
+            "tasks": task_names,
+            "general": general_names,
+            "methods": methods,
+        }
+
+
+def run_experiment(config: ExperimentConfig, out_dir: str | Path, log: Log | None = None) -> dict[str, Any]:
+    """Run (or resume) ``config`` into ``out_dir`` and write results.json; returns the results."""
+    return Runner(config, out_dir, log).run()

@@ -1,0 +1,53 @@
+"""The final terminal table of a run: one row per method, what a reader needs at a glance."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def summary_rows(results: dict[str, Any]) -> list[dict[str, str]]:
+    """Per method: final score on each task, final average, BWT, general score vs base."""
+    rows = []
+    tasks = results["tasks"]
+    for name, entry in results["methods"].items():
+        final = entry["matrix"][-1]
+        metrics = entry.get("metrics", {})
+        general = entry["general"]
+        base_general = sum(general[0]) / max(len(general[0]), 1)
+        last_general = sum(general[-1]) / max(len(general[-1]), 1)
+        row = {"method": name}
+        row.update({task: f"{100 * score:.1f}" for task, score in zip(tasks, final)})
+        row["AVE"] = f"{100 * sum(final) / len(final):.1f}"
+        bwt = metrics.get("bwt_absolute")
+        row["BWT"] = "-" if bwt is None else f"{100 * bwt:+.1f}"
+        row["general"] = f"{100 * last_general:.1f} ({100 * (last_general - base_general):+.1f})"
+        rows.append(row)
+    return rows
+
+
+def print_summary(results: dict[str, Any], report_path: str | None = None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    rows = summary_rows(results)
+    if not rows:
+        return
+    base = results["methods"][next(iter(results["methods"]))]
+    table = Table(title=f"{results['run'].get('name', 'run')}: after the last stage (scores in %)")
+    for column in rows[0]:
+        table.add_column(column, justify="left" if column == "method" else "right", no_wrap=True)
+    base_row = {"method": "base"}
+    base_row.update({task: f"{100 * score:.1f}" for task, score in zip(results["tasks"], base["matrix"][0])})
+    base_row["AVE"] = f"{100 * sum(base['matrix'][0]) / len(base['matrix'][0]):.1f}"
+    base_row["BWT"] = "-"
+    base_general = sum(base["general"][0]) / max(len(base["general"][0]), 1)
+    base_row["general"] = f"{100 * base_general:.1f}"
+    for row in [base_row, *rows]:
+        table.add_row(*[row[column] for column in rows[0]])
+    console = Console(width=max(Console().width, 120))
+    console.print(table)
+    console.print(
+        "BWT: mean over earlier tasks of (final - just learned), in points; general: mean of the general suite (change vs base)"
+    )
+    if report_path:
+        console.print(f"report: {report_path}")

@@ -1,0 +1,107 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from forgetless.config import apply_overrides, load_config, validate_config
+from forgetless.errors import InputError
+
+EXAMPLES = sorted((Path(__file__).parent.parent / "examples").glob("*.yaml"))
+
+MINIMAL = {
+    "name": "t",
+    "model": "tiny-llama",
+    "tasks": ["kelvar_dates", "zorbian_topics"],
+    "methods": [{"name": "lora", "strategy": "sequential_lora"}],
+}
+
+
+def config_with(**changes):
+    data = yaml.safe_load(yaml.safe_dump(MINIMAL))
+    data.update(changes)
+    return data
+
+
+def test_minimal_config_validates():
+    config = validate_config(config_with())
+    assert config.task_names() == ["kelvar_dates", "zorbian_topics"]
+    assert config.setting == "semi_cooperative"
+
+
+def test_unknown_key_suggests_the_right_one():
+    with pytest.raises(InputError, match=r"unknown key 'methods.0.stratgy'. Did you mean 'strategy'\?"):
+        validate_config(config_with(methods=[{"name": "a", "stratgy": "sequential_lora"}]))
+    with pytest.raises(InputError, match=r"unknown key 'limits.trian'. Did you mean 'train'\?"):
+        validate_config(config_with(limits={"trian": 3}))
+
+
+def test_unknown_task_and_suite_names():
+    with pytest.raises(InputError, match="unknown task or suite 'kelvar_date'. Did you mean 'kelvar_dates'"):
+        validate_config(config_with(tasks=["kelvar_date"]))
+    with pytest.raises(InputError, match="unknown task or suite 'genral'"):
+        validate_config(config_with(evaluation={"general": ["genral"]}))
+
+
+def test_method_needs_exactly_one_kind_and_unique_names():
+    with pytest.raises(InputError, match="needs exactly one of strategy, merge or mix"):
+        validate_config(config_with(methods=[{"name": "a"}]))
+    with pytest.raises(InputError, match="duplicate method name 'a'"):
+        validate_config(config_with(methods=[{"name": "a", "strategy": "one_round"}] * 2))
+
+
+def test_merge_source_must_be_a_one_round_method():
+    methods = [
+        {"name": "lora", "strategy": "sequential_lora"},
+        {"name": "m", "merge": {"method": "ties", "source": "lora"}},
+    ]
+    with pytest.raises(InputError, match="must use strategy one_round"):
+        validate_config(config_with(methods=methods))
+    methods[1]["merge"]["source"] = "lroa"
+    with pytest.raises(InputError, match="source 'lroa' is not a method of this config. Did you mean 'lora'"):
+        validate_config(config_with(methods=methods))
+    methods = [
+        {"name": "one", "strategy": "one_round"},
+        {"name": "m", "merge": {"method": "tiez", "source": "one"}},
+    ]
+    with pytest.raises(InputError, match="unknown merge method 'tiez'. Did you mean 'ties'"):
+        validate_config(config_with(methods=methods))
+
+
+def test_missing_data_file_is_named(tmp_path):
+    data = config_with(tasks=[{"name": "mine", "test": "nope.jsonl"}])
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(data))
+    config = load_config(path)
+    from forgetless.experiment.runner import load_tasks
+
+    with pytest.raises(InputError, match=r"nope.jsonl does not exist"):
+        load_tasks(config)
+
+
+def test_overrides_and_yaml_errors(tmp_path):
+    data = apply_overrides(config_with(), ["train.lr=1e-4", "methods.0.params.r=8", "seed=3"])
+    assert data["train"]["lr"] == 1e-4 and data["methods"][0]["params"]["r"] == 8 and data["seed"] == 3
+    with pytest.raises(InputError, match="is not key=value"):
+        apply_overrides({}, ["oops"])
+    path = tmp_path / "bad.yaml"
+    path.write_text("name: [unclosed\n")
+    with pytest.raises(InputError, match=r"bad.yaml line \d+: invalid YAML"):
+        load_config(path)
+    with pytest.raises(InputError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])
+def test_every_example_config_validates(path):
+    overrides = []
+    if "data_dir" in path.read_text():
+        overrides = ["data_dir=/data"]
+    config = load_config(path, overrides)
+    assert config.methods
+
+
+def test_demo_example_is_the_packaged_demo():
+    from importlib.resources import files
+
+    packaged = files("forgetless.experiment").joinpath("demo.yaml").read_text(encoding="utf-8")
+    assert (Path(__file__).parent.parent / "examples" / "demo.yaml").read_text(encoding="utf-8") == packaged

@@ -1,0 +1,296 @@
+"""``run_strategy``: train a strategy over a task sequence, stage after stage, resumable.
+
+    out_dir/
+      stage-0-<task>/   adapter/ or model/   the stage's artifact (written atomically)
+                        done.json            what was trained, with which settings, and its summary
+                        metrics.jsonl        one line per log_every steps
+                        checkpoint/          only while the stage runs (deleted when done)
+      stage-1-<task>/ ...
+
+A stage with a ``done.json`` is never trained again: its model is rebuilt from the artifacts
+(``load_stage``). A stage killed mid-way resumes from its ``checkpoint/`` and ends with the same
+numbers as an uninterrupted run. A ``done.json`` or checkpoint written with other settings (data,
+params, training config, base model) is refused with one error naming the folder.
+
+**one_round** (``produces == "per_task"``): stage i trains task i from the base model; the callback
+gets that per-task model. Those models are the *inputs* of merging and mixing: the runner should
+not read row i of one_round's matrix as a continual result, but merge/mix the artifacts of
+``results[:i + 1]`` (``StageResult.artifact``: PEFT-loadable LoRA folders for mode lora, HF model
+folders for mode fft) to get row i of a merge or mix method.
+
+Under ``accelerate launch`` every process trains (each takes its share of every batch); only the
+main process writes files and calls ``on_stage_end``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from forgetless.data.formatting import Encoded, PromptFormatter
+from forgetless.data.task import Example, Task
+from forgetless.errors import InputError
+from forgetless.io import read_json, write_json
+from forgetless.training.checkpoint import CHECKPOINT_DIR
+from forgetless.training.config import TrainConfig
+from forgetless.training.loop import TrainSummary, make_accelerator, train_model
+
+DONE_FILE = "done.json"
+StageCallback = Callable[[int, nn.Module, Any], None]
+
+
+@dataclass
+class StageResult:
+    """One finished stage.
+
+    Attributes:
+        stage: 0-based index in the task sequence.
+        task: the task this stage adds (the sequence's task ``stage``).
+        folder: the stage folder (``out_dir/stage-{i}-{task}``).
+        artifact: the saved adapter folder (``adapter/``) or full model folder (``model/``).
+        artifact_kind: ``adapter`` or ``model``.
+        strategy, params: what trained it (params with defaults filled in).
+        produces: ``model``, ``adapter`` or ``per_task`` (one_round).
+        trained_on: examples per task in this stage's data (replay and joint mix several).
+        summary: the training summary (steps, losses, tokens, seconds, tokens_per_s).
+        cached: True when the stage was already done and was not trained in this call.
+    """
+
+    stage: int
+    task: str
+    folder: Path
+    artifact: Path
+    artifact_kind: str
+    strategy: str
+    params: dict[str, Any]
+    produces: str
+    trained_on: dict[str, int] = field(default_factory=dict)
+    summary: dict[str, Any] = field(default_factory=dict)
+    cached: bool = False
+
+
+def stage_folder(out_dir: Path, stage: int, task_name: str) -> Path:
+    """``out_dir/stage-{stage}-{task}`` with characters outside [A-Za-z0-9_.-] replaced by '_'."""
+    safe_name = re.sub(r"[^\w.-]", "_", task_name)
+    return Path(out_dir) / f"stage-{stage}-{safe_name}"
+
+
+def _fingerprint(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _encode(
+    groups: list[tuple[Task, list[Example]]], tokenizer: PreTrainedTokenizerBase, config: TrainConfig
+) -> tuple[list[Encoded], dict[str, int]]:
+    encoded, counts = [], {}
+    for task, examples in groups:
+        system_prompt = config.system_prompt if config.system_prompt is not None else task.system_prompt
+        formatter = PromptFormatter(tokenizer, config.prompt_style, system_prompt, config.max_length)
+        encoded.extend(formatter.encode(example) for example in examples)
+        counts[task.name] = counts.get(task.name, 0) + len(examples)
+    return encoded, counts
+
+
+def _read_done(folder: Path, fingerprint: str) -> dict | None:
+    path = folder / DONE_FILE
+    if not path.is_file():
+        return None
+    try:
+        done = read_json(path)
+    except (OSError, ValueError) as error:
+        raise InputError(
+            f"{path} is unreadable ({error}); delete {folder} to train the stage again"
+        ) from None
+    if done.get("fingerprint") != fingerprint:
+        raise InputError(
+            f"{folder} holds a stage trained with other settings (data, params, training config or "
+            "base model changed); delete it to train again, or choose another output folder"
+        )
+    return done
+
+
+def _result(folder: Path, done: dict, cached: bool) -> StageResult:
+    return StageResult(
+        stage=done["stage"],
+        task=done["task"],
+        folder=folder,
+        artifact=folder / done["artifact"],
+        artifact_kind=done["artifact"],
+        strategy=done["strategy"],
+        params=done["params"],
+        produces=done["produces"],
+        trained_on=done["trained_on"],
+        summary=done["summary"],
+        cached=cached,
+    )
+
+
+def run_strategy(
+    strategy_name: str,
+    params: dict[str, Any] | None,
+    base_model_spec: str,
+    tasks: Sequence[Task],
+    train_config: TrainConfig | dict[str, Any] | None,
+    out_dir: str | Path,
+    setting: str = "semi_cooperative",
+    on_stage_end: StageCallback | None = None,
+    dtype: torch.dtype | str = torch.float32,
+) -> list[StageResult]:
+    """Train ``strategy_name`` over ``tasks`` in order; one ``StageResult`` per task.
+
+    Args:
+        strategy_name: a name in ``forgetless.strategies.STRATEGIES``.
+        params: the strategy's params (validated; unknown keys are an ``InputError``).
+        base_model_spec: the base model (alias, .gguf, HF folder, hub id).
+        tasks: the task sequence; every task needs training examples.
+        train_config: ``TrainConfig`` or a mapping of its fields.
+        out_dir: folder of the stage folders (created).
+        setting: ``semi_cooperative`` or ``fully_cooperative`` (replay and joint need the latter).
+        on_stage_end: ``callback(stage_index, model, tokenizer)`` after each stage, main process
+            only; ``model`` is the model after that stage in eval mode (see the module docstring
+            for one_round).
+        dtype: weight dtype of the loaded models.
+
+    Raises:
+        InputError: bad strategy name, params, setting, training config, empty task, or a stage
+            folder written with other settings. ``TrainingDivergedError`` on a NaN/inf loss.
+    """
+    from forgetless.strategies import ModelSource, check_setting, make_strategy
+
+    check_setting(strategy_name, setting)
+    strategy = make_strategy(strategy_name, params, source=f"strategy {strategy_name} params")
+    config = TrainConfig.coerce(train_config)
+    if not tasks:
+        raise InputError("run_strategy: the task sequence is empty; give at least one task")
+    names = [task.name for task in tasks]
+    if len(set(names)) != len(names):
+        raise InputError(
+            f"run_strategy: task names repeat ({', '.join(names)}); give each task a unique name"
+        )
+    for task in tasks:
+        if not task.train:
+            raise InputError(f"task '{task.name}' has no training examples; give it a train split")
+    out_dir = Path(out_dir)
+    source = ModelSource(base_model_spec, dtype)
+    description = strategy.describe()
+    lr = config.lr if config.lr is not None else strategy.default_lr
+    accelerator = make_accelerator(config.mixed_precision)
+    results: list[StageResult] = []
+    previous_fingerprint = ""
+    for stage, task in enumerate(tasks):
+        folder = stage_folder(out_dir, stage, task.name)
+        data_fingerprints = [tasks[index].fingerprint() for index in strategy.data_tasks(stage)]
+        fingerprint = _fingerprint(
+            description,
+            str(source.spec),
+            config.fingerprint(),
+            lr,
+            stage,
+            data_fingerprints,
+            previous_fingerprint if strategy.engine.uses_previous else "",
+        )
+        done = _read_done(folder, fingerprint)
+        if done is None:
+            artifacts = [result.artifact for result in results]
+            model = strategy.build(stage, source, artifacts, config.seed)
+            groups = strategy.stage_data(stage, tasks, config.seed)
+            encoded, counts = _encode(groups, source.tokenizer, config)
+            summary: TrainSummary = train_model(
+                model,
+                encoded,
+                config,
+                lr=lr,
+                pad_id=source.tokenizer.pad_token_id,
+                folder=folder,
+                extra_loss=strategy.extra_loss,
+                description=f"{strategy_name} {stage + 1}/{len(tasks)} {task.name}",
+                fingerprint=fingerprint,
+            )
+            done = {
+                "stage": stage,
+                "task": task.name,
+                "tasks": names,
+                **description,
+                "produces": strategy.produces,
+                "base_model": source.spec,
+                "artifact": strategy.engine.artifact,
+                "previous": [result.folder.name for result in results],
+                "trained_on": counts,
+                "train": config.model_dump(),
+                "lr": lr,
+                "summary": summary.to_dict(),
+                "fingerprint": fingerprint,
+            }
+            if accelerator.is_main_process:
+                strategy.save(model, folder / strategy.engine.artifact, source)
+                write_json(folder / DONE_FILE, done)  # the stage counts as done from here on
+                shutil.rmtree(folder / CHECKPOINT_DIR, ignore_errors=True)
+            accelerator.wait_for_everyone()
+            del model
+            result = _result(folder, done, cached=False)
+        else:
+            result = _result(folder, done, cached=True)
+        results.append(result)
+        previous_fingerprint = fingerprint
+        if on_stage_end is not None and accelerator.is_main_process:
+            model = strategy.load(stage, source, [r.artifact for r in results])
+            on_stage_end(stage, model, source.tokenizer)
+            del model
+    return results
+
+
+def load_stage(
+    stage: StageResult | str | Path,
+    base_model_spec: str | None = None,
+    dtype: torch.dtype | str = torch.float32,
+) -> tuple[nn.Module, Any]:
+    """Rebuild the model after a finished stage from its folder (and its earlier stages' artifacts).
+
+    Args:
+        stage: a ``StageResult`` or a stage folder (holding ``done.json``).
+        base_model_spec: the base model; default the one recorded in ``done.json``.
+
+    Returns:
+        ``(model, tokenizer)``, the model in eval mode.
+    """
+    from forgetless.strategies import ModelSource, make_strategy
+
+    folder = Path(stage.folder if isinstance(stage, StageResult) else stage)
+    path = folder / DONE_FILE
+    if not path.is_file():
+        raise InputError(
+            f"{folder} is not a finished stage folder (no {DONE_FILE}); give a stage-N-task folder"
+        )
+    done = read_json(path)
+    strategy = make_strategy(done["strategy"], done["params"], source=str(path))
+    source = ModelSource(base_model_spec or done["base_model"], dtype)
+    stage_folders = [folder.parent / name for name in done["previous"]] + [folder]
+    artifacts = []
+    for item in stage_folders:
+        item_done = item / DONE_FILE
+        if not item_done.is_file():
+            raise InputError(f"{item} (an earlier stage of {folder}) is missing or unfinished; it is needed")
+        artifacts.append(item / read_json(item_done)["artifact"])
+    model = strategy.load(done["stage"], source, artifacts)
+    return model, source.tokenizer
+
+
+def results_table(results: Sequence[StageResult]) -> list[dict[str, Any]]:
+    """Flat rows (stage, task, artifact, steps, final_loss, seconds, cached) for printing or JSON."""
+    rows = []
+    for result in results:
+        row = {key: value for key, value in asdict(result).items() if key not in ("summary", "params")}
+        row.update({key: result.summary.get(key) for key in ("steps", "final_loss", "seconds")})
+        row["folder"], row["artifact"] = str(result.folder), str(result.artifact)
+        rows.append(row)
+    return rows

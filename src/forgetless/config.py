@@ -78,7 +78,7 @@ class MethodSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     name: str = Field(
-        description="name in tables and folders (letters, digits, _ and -)", pattern=r"^[\w-]+$"
+        description="name in tables and folders (letters, digits, _ . and -)", pattern=r"^[\w.-]+$"
     )
     strategy: str | None = Field(None, description="training strategy (forgetless strategies lists them)")
     params: dict[str, Any] = Field(default_factory=dict, description="strategy parameters")
@@ -126,12 +126,24 @@ class ExperimentConfig(BaseModel):
         "semi_cooperative", description="semi_cooperative (old data gone) or fully_cooperative"
     )
     tasks: list[str | TaskSpec] = Field(min_length=1, description="the task sequence, in training order")
+    data_dir: str | None = Field(
+        None, description="folder that task data paths start from (default: the config file's folder)"
+    )
+    schedule: Literal["sequential", "multi_task"] = Field(
+        "sequential",
+        description="sequential: one stage per task (continual protocol); multi_task: one stage on all tasks "
+        "mixed together, as in the SLIM paper's multi-dataset setting (each task still scored on its own)",
+    )
     limits: Limits = Field(default_factory=Limits)
     train: dict[str, Any] = Field(default_factory=dict, description="training settings for every method")
     methods: list[MethodSpec] = Field(min_length=1, description="methods to compare")
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
     output: str | None = Field(None, description="output folder (default runs/<name>)")
     base_dir: str = Field(".", description="folder that relative data paths start from (set by the loader)")
+
+    def data_root(self) -> Path:
+        """Where relative task data paths start."""
+        return Path(self.base_dir) / self.data_dir if self.data_dir else Path(self.base_dir)
 
     def task_names(self) -> list[str]:
         return [task if isinstance(task, str) else task.name for task in self.tasks]
@@ -170,7 +182,12 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 def _explain(error: ValidationError, source: str) -> str:
     """One line for the first validation problem, with a "Did you mean" for unknown keys."""
-    first = error.errors()[0]
+    # For `str | TaskSpec` unions pydantic reports one error per branch; the deepest location is
+    # the branch the user meant (a mapping is a TaskSpec, not a mistyped string).
+    errors = error.errors()
+    first = max(errors, key=lambda e: (len(e["loc"]), -errors.index(e)))
+    if any(part in ("str", "TaskSpec") for part in first["loc"]):
+        first = {**first, "loc": tuple(part for part in first["loc"] if part not in ("str", "TaskSpec"))}
     location = ".".join(str(part) for part in first["loc"])
     if first["type"] == "extra_forbidden":
         key = str(first["loc"][-1])
@@ -236,6 +253,10 @@ def check_config(config: ExperimentConfig, source: str = "config") -> None:
     if len(set(task_names)) != len(task_names):
         raise InputError(f"{source}: tasks: a task appears twice in the sequence; give each a unique name")
     builtin = [task for task in config.tasks if isinstance(task, str)]
+    if config.data_dir is not None and not config.data_root().is_dir():
+        raise InputError(
+            f"{source}: data_dir: folder {config.data_root()} does not exist; pass data_dir=PATH"
+        )
     try:
         expand_task_names(builtin)
         expand_task_names(config.evaluation.general)

@@ -117,3 +117,15 @@ def test_unknown_spec_key_is_rejected():
 
     with pytest.raises(ValidationError, match="promt"):
         TaskSpec(name="x", test="t.json", promt="oops")
+
+
+def test_train_from_test_splits_disjointly(tmp_path):
+    rows = [{"prompt": f"p{i}", "answer": f"a{i}"} for i in range(40)]
+    write(tmp_path / "t.json", json.dumps(rows))
+    task = TaskSpec(name="s", test=str(tmp_path / "t.json"), train_from_test=0.25).load(seed=1)
+    assert (len(task.train), len(task.test)) == (10, 30)
+    assert not {e.prompt for e in task.train} & {e.prompt for e in task.test}
+    with pytest.raises(InputError, match="either train or train_from_test"):
+        TaskSpec(
+            name="s", train=str(tmp_path / "t.json"), test=str(tmp_path / "t.json"), train_from_test=0.5
+        ).load()

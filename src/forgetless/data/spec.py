@@ -19,6 +19,7 @@ fields: {prompt: query, choices: choices, gold: gold}
 
 from __future__ import annotations
 
+import random
 import string
 from pathlib import Path
 from typing import Any, Literal
@@ -83,6 +84,13 @@ class TaskSpec(BaseModel):
     validation_fraction: float = Field(
         0.0, ge=0.0, lt=1.0, description="carve this share of train as validation"
     )
+    train_from_test: float | None = Field(
+        None,
+        gt=0.0,
+        lt=1.0,
+        description="for data sets without a training split: train on this share of the test file (seeded), "
+        "test on the rest (the two never overlap)",
+    )
     system_prompt: str | None = Field(None, description="system message for chat models")
     stop: list[str] = Field(default_factory=list, description="strings that end a generated answer")
 
@@ -112,6 +120,15 @@ class TaskSpec(BaseModel):
         if not splits["test"]:
             where = f"task '{self.name}'"
             raise InputError(f"{where}: no test data; set test (or data_dir with a test file)")
+        if self.train_from_test is not None:
+            if splits["train"]:
+                raise InputError(f"task '{self.name}': set either train or train_from_test, not both")
+            order = list(range(len(splits["test"])))
+            random.Random(seed).shuffle(order)
+            cut = int(round(len(order) * self.train_from_test))
+            held = set(order[:cut])
+            splits["train"] = [e for i, e in enumerate(splits["test"]) if i in held]
+            splits["test"] = [e for i, e in enumerate(splits["test"]) if i not in held]
         task = Task(
             name=self.name,
             train=splits["train"],

@@ -45,7 +45,7 @@ def load_tasks(config: ExperimentConfig) -> tuple[list[Task], list[Task]]:
         if isinstance(task, str):
             loaded = get_task(task, seed=config.seed)
         else:
-            loaded = task.load(config.base_dir, seed=config.seed)
+            loaded = task.load(config.data_root(), seed=config.seed)
         sequence.append(
             loaded.limited(config.limits.train, config.evaluation.limit or config.limits.test, config.seed)
         )
@@ -56,6 +56,17 @@ def load_tasks(config: ExperimentConfig) -> tuple[list[Task], list[Task]]:
     return sequence, general
 
 
+def combine_tasks(tasks: list[Task], seed: int) -> Task:
+    """One training task holding every task's training examples, shuffled (the multi-dataset setting)."""
+    import random
+
+    train = [example for task in tasks for example in task.train]
+    random.Random(seed).shuffle(train)
+    return Task(
+        name="+".join(task.name for task in tasks), train=train, test=[], description="multi-task mixture"
+    )
+
+
 class Runner:
     """Runs one experiment config into ``out_dir``; ``run()`` returns the results dict."""
 
@@ -64,6 +75,10 @@ class Runner:
         self.out = Path(out_dir)
         self.log = log or (lambda message: None)
         self.tasks, self.general = load_tasks(config)
+        # what is trained, stage by stage: each task, or (multi_task) one stage on all of them
+        self.stages = (
+            self.tasks if config.schedule == "sequential" else [combine_tasks(self.tasks, config.seed)]
+        )
         self.task_keys = [task.fingerprint() for task in self.tasks + self.general]
         self.timings: dict[str, float] = {}
 
@@ -123,14 +138,14 @@ class Runner:
             method.model_dump(),
             self.config.train,
             self.config.model,
-            [t.fingerprint() for t in self.tasks],
+            [t.fingerprint() for t in self.stages],
         ]
 
         def on_stage_end(stage: int, model: torch.nn.Module, tokenizer: Any) -> None:
             if not method.evaluate:
                 return
             self.log(
-                f"{method.name}: evaluating after stage {stage + 1}/{len(self.tasks)} ({self.tasks[stage].name})"
+                f"{method.name}: evaluating after stage {stage + 1}/{len(self.stages)} ({self.stages[stage].name})"
             )
             rows[stage] = self.evaluate(
                 folder / f"eval-stage-{stage + 1}", [identity, stage], model, tokenizer
@@ -141,14 +156,14 @@ class Runner:
             method.strategy,
             method.params,
             self.config.model,
-            self.tasks,
+            self.stages,
             self.train_config(method),
             folder,
             self.config.setting,
             on_stage_end=on_stage_end,
         )
         self.timings[method.name] = round(time.perf_counter() - start, 1)
-        return {"stages": [task.name for task in self.tasks], "rows": [rows.get(i) for i in range(len(self.tasks))],
+        return {"stages": [task.name for task in self.stages], "rows": [rows.get(i) for i in range(len(self.stages))],
                 "artifacts": [str(getattr(r, "artifact", "")) for r in results]}  # fmt: skip
 
     def run_combine_method(self, method: MethodSpec, source: dict[str, Any]) -> dict[str, Any]:
@@ -159,7 +174,7 @@ class Runner:
         artifacts = source["artifacts"]
         rows = []
         start = time.perf_counter()
-        for stage in range(len(self.tasks)):
+        for stage in range(len(self.stages)):
             inputs = artifacts[: stage + 1]
             target = folder / f"stage-{stage + 1}"
             if method.merge is not None:
@@ -174,12 +189,12 @@ class Runner:
                 )
             )
             if cached is None:
-                self.log(f"{method.name}: evaluating stage {stage + 1}/{len(self.tasks)}")
+                self.log(f"{method.name}: evaluating stage {stage + 1}/{len(self.stages)}")
                 model, tokenizer = self._load_combined(target, load_model)
                 cached = self.evaluate(cache_folder, [identity, stage], model, tokenizer)
             rows.append(cached)
         self.timings[method.name] = round(time.perf_counter() - start, 1)
-        return {"stages": [task.name for task in self.tasks], "rows": rows}
+        return {"stages": [task.name for task in self.stages], "rows": rows}
 
     def _merge(self, method: MethodSpec, inputs: list[str], target: Path) -> None:
         from forgetless.merging import MergeConfig, run_merge
@@ -206,7 +221,7 @@ class Runner:
         spec = method.mix
         self.log(f"{method.name}: {spec.router} router over {len(inputs)} expert(s)")
         run_mix_outputs(self.config.model, inputs, target, router=spec.router, top_k=spec.top_k,
-                        tasks=self.tasks[: len(inputs)], seed=self.config.seed, **spec.parameters)  # fmt: skip
+                        tasks=self.stages[: len(inputs)], seed=self.config.seed, **spec.parameters)  # fmt: skip
 
     def _load_combined(self, target: Path, load_model: Callable) -> tuple[torch.nn.Module, Any]:
         if (target / "config.json").exists():

@@ -103,3 +103,25 @@ def test_demo_example_is_the_packaged_demo():
 
     packaged = files("forgetless.experiment").joinpath("demo.yaml").read_text(encoding="utf-8")
     assert (Path(__file__).parent.parent / "examples" / "demo.yaml").read_text(encoding="utf-8") == packaged
+
+
+def test_replay_in_semi_cooperative_setting_is_an_error():
+    with pytest.raises(InputError, match="strategy 'replay' needs setting fully_cooperative"):
+        validate_config(config_with(methods=[{"name": "r", "strategy": "replay"}]))
+    config = validate_config(
+        config_with(setting="fully_cooperative", methods=[{"name": "r", "strategy": "replay"}])
+    )
+    assert config.methods[0].strategy == "replay"
+
+
+def test_strategy_params_and_train_settings_checked_before_compute():
+    with pytest.raises(InputError, match=r"methods.0 \('lora'\).*unknown"):
+        validate_config(
+            config_with(methods=[{"name": "lora", "strategy": "sequential_lora", "params": {"rank": 8}}])
+        )
+    with pytest.raises(InputError, match=r"methods.0 \('lora'\)"):
+        validate_config(config_with(train={"lrr": 1e-3}))
+    with pytest.raises(
+        InputError, match="unknown strategy 'sequential_lroa'. Did you mean 'sequential_lora'"
+    ):
+        validate_config(config_with(methods=[{"name": "x", "strategy": "sequential_lroa"}]))

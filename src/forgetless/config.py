@@ -265,7 +265,7 @@ def check_config(config: ExperimentConfig, source: str = "config") -> None:
     for index, method in enumerate(config.methods):
         where = f"{source}: methods.{index} ('{method.name}')"
         if method.strategy:
-            _check_strategy(method, config.setting, where)
+            _check_strategy(method, config, where)
         else:
             spec = method.merge or method.mix
             if spec.source not in names:
@@ -281,21 +281,21 @@ def check_config(config: ExperimentConfig, source: str = "config") -> None:
                 _check_registry("merge", method.merge.method, where)
 
 
-def _check_strategy(method: MethodSpec, setting: str, where: str) -> None:
+def _check_strategy(method: MethodSpec, config: ExperimentConfig, where: str) -> None:
+    """Strategy name, its setting, its params and the merged training settings, before compute."""
+    from forgetless.strategies import check_setting, make_strategy
+    from forgetless.training import TrainConfig
+
     try:
-        from forgetless.strategies import STRATEGIES
-    except ImportError:  # pragma: no cover - strategies package missing in a partial install
-        return
-    try:
-        strategy = STRATEGIES.get(method.strategy)
+        check_setting(method.strategy, config.setting)
+        make_strategy(method.strategy, method.params, source="params")
+        TrainConfig.coerce({"seed": config.seed, **config.train, **method.train})
     except InputError as error:
         raise InputError(f"{where}: {error}") from None
-    required = getattr(strategy, "setting_required", "any")
-    if required == "fully_cooperative" and setting != "fully_cooperative":
-        raise InputError(
-            f"{where}: strategy '{method.strategy}' needs setting fully_cooperative (old data is gone in "
-            f"{setting}); set setting: fully_cooperative or choose another strategy"
-        )
+    except ValidationError as error:
+        first = error.errors()[0]
+        location = ".".join(str(part) for part in first["loc"])
+        raise InputError(f"{where}: train.{location}: {first['msg']}") from None
 
 
 def _check_registry(kind: str, name: str, where: str) -> None:

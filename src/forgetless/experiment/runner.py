@@ -130,7 +130,7 @@ class Runner:
         return TrainConfig(**{"seed": self.config.seed, **self.config.train, **method.train})
 
     def run_strategy_method(self, method: MethodSpec) -> dict[str, Any]:
-        from forgetless.strategies import run_strategy
+        from forgetless.training import run_strategy
 
         folder = self.out / "methods" / method.name
         rows: dict[int, dict[str, Any]] = {}

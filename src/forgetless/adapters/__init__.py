@@ -7,7 +7,9 @@ save_adapter(model, "out/adapter", base_model="smollm2-135m-instruct")
 """
 
 from forgetless.adapters.base import ADAPTER_LAYERS, AdapterLayer
+from forgetless.adapters.clustering import SlidingClusters
 from forgetless.adapters.config import ATTENTION_PROJECTIONS, MLP_PROJECTIONS, AdapterConfig
+from forgetless.adapters.diagnostics import routing_diagnostics
 from forgetless.adapters.inject import (
     adapter_layers,
     adapter_regularization,
@@ -20,7 +22,10 @@ from forgetless.adapters.inject import (
     trainable_parameters,
 )
 from forgetless.adapters.lora import LoRALinear
+from forgetless.adapters.masking import structured_dare_masks
+from forgetless.adapters.moe import build_lora_moe
 from forgetless.adapters.persist import export_peft_lora, load_adapter, save_adapter
+from forgetless.adapters.slim import MixtureLinear
 
 __all__ = [
     "ADAPTER_LAYERS",
@@ -29,9 +34,12 @@ __all__ = [
     "AdapterConfig",
     "AdapterLayer",
     "LoRALinear",
+    "MixtureLinear",
+    "SlidingClusters",
     "adapter_layers",
     "adapter_regularization",
     "adapter_state_dict",
+    "build_lora_moe",
     "export_peft_lora",
     "find_target_modules",
     "inject_adapters",
@@ -39,6 +47,8 @@ __all__ = [
     "lora_factors",
     "merge_adapters",
     "remove_adapters",
+    "routing_diagnostics",
     "save_adapter",
+    "structured_dare_masks",
     "trainable_parameters",
 ]

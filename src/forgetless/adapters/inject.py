@@ -73,17 +73,24 @@ def find_target_modules(model: nn.Module, target_modules: list[str]) -> list[str
     return names
 
 
+def _capture_mask(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Forward pre-hook: hand the batch's attention mask to the adapter layers.
+
+    Reads the context from the module (not a closure) so that a deep copy of the model feeds
+    its own copied context.
+    """
+    mask = kwargs.get("attention_mask")
+    context = getattr(module, _CONTEXT_ATTR, None)
+    if context is not None:
+        context.attention_mask = mask if isinstance(mask, Tensor) and mask.dim() == 2 else None
+
+
 def _token_context(model: nn.Module) -> TokenContext:
     """The model's shared TokenContext, installing the pre-hook that fills it on first use."""
     context = getattr(model, _CONTEXT_ATTR, None)
     if context is None:
         context = TokenContext()
-
-        def capture_mask(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            mask = kwargs.get("attention_mask")
-            context.attention_mask = mask if isinstance(mask, Tensor) and mask.dim() == 2 else None
-
-        handle = model.register_forward_pre_hook(capture_mask, with_kwargs=True)
+        handle = model.register_forward_pre_hook(_capture_mask, with_kwargs=True)
         object.__setattr__(model, _CONTEXT_ATTR, context)
         object.__setattr__(model, _HOOK_ATTR, handle)
     return context

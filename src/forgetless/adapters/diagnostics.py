@@ -1,0 +1,138 @@
+"""Routing diagnostics: where the tokens of given inputs go, layer by layer.
+
+For every mixture layer (moe_lora / slim): the share of routing weight given to identity experts
+(``identity_share``; 1 means the token sees the base layer only), the share of tokens routed to
+identity experts alone (``identity_tokens``), the load of each expert (share of the top-K slots),
+and statistics and a histogram of the calibrated distance ``d(x)``. Padding tokens are left out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from forgetless.adapters.inject import adapter_layers
+from forgetless.adapters.slim import MixtureLinear
+from forgetless.errors import InputError
+
+_HISTOGRAM_BINS = 20
+
+
+class _LayerTally:
+    """Running sums for one layer over all batches."""
+
+    def __init__(self, num_lora: int, num_total: int) -> None:
+        self.num_lora = num_lora
+        self.tokens = 0
+        self.identity_weight = 0.0
+        self.identity_only = 0
+        self.slots = torch.zeros(num_total, dtype=torch.long)
+        self.distances: list[Tensor] = []
+
+    def __call__(
+        self,
+        layer: MixtureLinear,
+        weights: Tensor,
+        chosen: Tensor,
+        distance: Tensor | None,
+        mask: Tensor | None,
+    ) -> None:
+        if mask is not None:
+            weights, chosen = weights[mask], chosen[mask]
+            distance = None if distance is None else distance[mask]
+        self.tokens += weights.shape[0]
+        self.identity_weight += float(weights[:, self.num_lora :].sum())
+        self.identity_only += int((chosen >= self.num_lora).all(dim=1).sum())
+        self.slots += torch.bincount(chosen.reshape(-1).cpu(), minlength=len(self.slots))
+        if distance is not None:
+            self.distances.append(distance.detach().float().cpu())
+
+    def summary(self) -> dict[str, Any]:
+        tokens = max(self.tokens, 1)
+        result: dict[str, Any] = {
+            "tokens": self.tokens,
+            "identity_share": self.identity_weight / tokens,
+            "identity_tokens": self.identity_only / tokens,
+            "expert_load": (self.slots.float() / self.slots.sum().clamp_min(1)).tolist(),
+        }
+        if self.distances:
+            values = torch.cat(self.distances)
+            quantiles = torch.quantile(values, torch.tensor([0.1, 0.5, 0.9])).tolist()
+            counts = torch.histc(
+                values, bins=_HISTOGRAM_BINS, min=float(values.min()), max=float(values.max())
+            )
+            result["distance"] = {
+                "mean": float(values.mean()),
+                "std": float(values.std()) if len(values) > 1 else 0.0,
+                "min": float(values.min()),
+                "p10": quantiles[0],
+                "median": quantiles[1],
+                "p90": quantiles[2],
+                "max": float(values.max()),
+                "histogram": {
+                    "min": float(values.min()),
+                    "max": float(values.max()),
+                    "counts": [int(c) for c in counts.tolist()],
+                },
+            }
+        return result
+
+
+def _as_kwargs(batch: Mapping[str, Tensor] | Tensor, device: torch.device) -> dict[str, Tensor]:
+    if isinstance(batch, Tensor):
+        return {"input_ids": batch.to(device)}
+    keep = ("input_ids", "attention_mask", "inputs_embeds")
+    return {key: value.to(device) for key, value in batch.items() if key in keep and value is not None}
+
+
+def routing_diagnostics(model: nn.Module, batches: Iterable[Mapping[str, Tensor] | Tensor]) -> dict[str, Any]:
+    """Run ``batches`` through ``model`` (eval mode, no gradients) and summarise the routing.
+
+    Args:
+        batches: token id tensors (B x T) or dicts with ``input_ids`` / ``inputs_embeds`` and
+            optionally ``attention_mask`` (padding is left out of every statistic).
+
+    Returns:
+        ``{"identity_share", "identity_tokens", "tokens", "layers": {module: {...}}}`` where each
+        layer has ``tokens``, ``identity_share``, ``identity_tokens``, ``expert_load`` (E_l + E_id
+        shares of the top-K slots, LoRA experts first) and, with clustering, ``distance`` stats and
+        a histogram; the top-level shares are means over layers. The model's mode is restored.
+
+    Raises:
+        InputError: the model has no mixture adapters (moe_lora / slim).
+    """
+    layers = {
+        name: layer for name, layer in adapter_layers(model).items() if isinstance(layer, MixtureLinear)
+    }
+    if not layers:
+        raise InputError(
+            "the model has no moe_lora or slim adapters; routing diagnostics need a routed adapter"
+        )
+    tallies = {
+        name: _LayerTally(layer.config.num_experts, layer.config.num_total_experts)
+        for name, layer in layers.items()
+    }
+    was_training = model.training
+    device = next(iter(layers.values())).lora_A.device
+    try:
+        model.eval()
+        for name, layer in layers.items():
+            layer.recorder = tallies[name]
+        with torch.no_grad():
+            for batch in batches:
+                model(**_as_kwargs(batch, device))
+    finally:
+        for layer in layers.values():
+            layer.recorder = None
+        model.train(was_training)
+    per_layer = {name: tally.summary() for name, tally in tallies.items()}
+    count = len(per_layer)
+    return {
+        "identity_share": sum(layer["identity_share"] for layer in per_layer.values()) / count,
+        "identity_tokens": sum(layer["identity_tokens"] for layer in per_layer.values()) / count,
+        "tokens": next(iter(per_layer.values()))["tokens"],
+        "layers": per_layer,
+    }

@@ -21,9 +21,12 @@ def _encoded(tokenizer, size=16):
     return [formatter.encode(example) for example in make_task("alpha", 3, size=size).train]
 
 
-def _lora_model(seed=0):
+def _lora_model(seed=0, kind="lora"):
     model, _ = load_model("tiny-llama")
-    inject_adapters(model, AdapterConfig.lora(r=4, alpha=8, seed=seed))
+    config = (
+        AdapterConfig.lora(r=4, alpha=8, seed=seed) if kind == "lora" else AdapterConfig.slim(r=4, seed=seed)
+    )
+    inject_adapters(model, config)
     return model
 
 
@@ -103,10 +106,11 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tokenizer, tmp_path, monk
     assert state["step"] == 2 and all(value == value for value in state["losses"])  # no NaN kept
 
 
-def test_kill_and_resume_gives_identical_results(tokenizer, tmp_path, monkeypatch):
+@pytest.mark.parametrize("kind", ["lora", "slim"])  # slim: cluster statistics are buffers, not parameters
+def test_kill_and_resume_gives_identical_results(tokenizer, tmp_path, monkeypatch, kind):
     examples = _encoded(tokenizer)
     config = _config(max_steps=7)
-    reference_model = _lora_model()
+    reference_model = _lora_model(kind=kind)
     reference = train_model(
         reference_model, examples, config, lr=1e-2, pad_id=tokenizer.pad_token_id, folder=tmp_path / "a"
     )
@@ -121,12 +125,17 @@ def test_kill_and_resume_gives_identical_results(tokenizer, tmp_path, monkeypatc
     monkeypatch.setattr(loop_module, "lr_factor", killed_at_step_five)
     with pytest.raises(KeyboardInterrupt):
         train_model(
-            _lora_model(), examples, config, lr=1e-2, pad_id=tokenizer.pad_token_id, folder=tmp_path / "b"
+            _lora_model(kind=kind),
+            examples,
+            config,
+            lr=1e-2,
+            pad_id=tokenizer.pad_token_id,
+            folder=tmp_path / "b",
         )
     assert json.loads((tmp_path / "b" / CHECKPOINT_DIR / "state.json").read_text())["step"] == 4
     monkeypatch.setattr(loop_module, "lr_factor", real_factor)
 
-    resumed_model = _lora_model(seed=123)  # different init: everything must come from the checkpoint
+    resumed_model = _lora_model(seed=123, kind=kind)  # other init: everything must come from the checkpoint
     resumed = train_model(
         resumed_model, examples, config, lr=1e-2, pad_id=tokenizer.pad_token_id, folder=tmp_path / "b"
     )

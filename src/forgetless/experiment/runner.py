@@ -83,8 +83,13 @@ class Runner:
         self.timings: dict[str, float] = {}
 
     # ----------------------------------------------------------------------------- evaluation
-    def evaluate(self, folder: Path, identity: Any, model: torch.nn.Module, tokenizer: Any) -> dict[str, Any]:
-        """Scores of every sequence task and general task for one model state (cached)."""
+    def evaluate(
+        self, folder: Path, identity: Any, load: Callable[[], tuple[torch.nn.Module, Any]], what: str = ""
+    ) -> dict[str, Any]:
+        """Scores of every sequence task and general task for one model state (cached).
+
+        ``load()`` gives ``(model, tokenizer)``; it is called only when the scores are not cached.
+        """
         from forgetless.evaluation import evaluate_tasks
 
         cache = EvalCache(folder)
@@ -92,6 +97,9 @@ class Runner:
         row = cache.get(key)
         if row is not None:
             return row
+        if what:
+            self.log(f"evaluating {what}")
+        model, tokenizer = load()
         start = time.perf_counter()
         scores = evaluate_tasks(
             model,
@@ -109,19 +117,13 @@ class Runner:
         return row
 
     def base_row(self) -> dict[str, Any]:
+        """Row 0 of every matrix: the base model, evaluated once per run."""
         from forgetless.models import load_model
 
-        folder = self.out / "base"
-        cache = EvalCache(folder)
-        key = cache_key(
-            ["base", self.config.model], self.task_keys, self.config.evaluation.model_dump(), self.config.seed
+        load = lambda: load_model(self.config.model, seed=self.config.seed)  # noqa: E731
+        return self.evaluate(
+            self.out / "base", ["base", self.config.model], load, f"the base model {self.config.model}"
         )
-        row = cache.get(key)
-        if row is None:
-            self.log(f"evaluating the base model {self.config.model}")
-            model, tokenizer = load_model(self.config.model, seed=self.config.seed)
-            row = self.evaluate(folder, ["base", self.config.model], model, tokenizer)
-        return row
 
     # ----------------------------------------------------------------------------- methods
     def train_config(self, method: MethodSpec) -> Any:
@@ -130,7 +132,7 @@ class Runner:
         return TrainConfig(**{"seed": self.config.seed, **self.config.train, **method.train})
 
     def run_strategy_method(self, method: MethodSpec) -> dict[str, Any]:
-        from forgetless.training import run_strategy
+        from forgetless.training import run_strategy, stage_folder
 
         folder = self.out / "methods" / method.name
         rows: dict[int, dict[str, Any]] = {}
@@ -144,12 +146,9 @@ class Runner:
         def on_stage_end(stage: int, model: torch.nn.Module, tokenizer: Any) -> None:
             if not method.evaluate:
                 return
-            self.log(
-                f"{method.name}: evaluating after stage {stage + 1}/{len(self.stages)} ({self.stages[stage].name})"
-            )
-            rows[stage] = self.evaluate(
-                folder / f"eval-stage-{stage + 1}", [identity, stage], model, tokenizer
-            )
+            what = f"{method.name} after stage {stage + 1}/{len(self.stages)} ({self.stages[stage].name})"
+            target = stage_folder(folder, stage, self.stages[stage].name)
+            rows[stage] = self.evaluate(target, [identity, stage], lambda: (model, tokenizer), what)
 
         start = time.perf_counter()
         results = run_strategy(
@@ -169,6 +168,7 @@ class Runner:
     def run_combine_method(self, method: MethodSpec, source: dict[str, Any]) -> dict[str, Any]:
         """Merge or mix the first i per-task outputs of a one_round method, for every stage i."""
         from forgetless.models import load_model
+        from forgetless.training import stage_folder
 
         folder = self.out / "methods" / method.name
         artifacts = source["artifacts"]
@@ -176,23 +176,15 @@ class Runner:
         start = time.perf_counter()
         for stage in range(len(self.stages)):
             inputs = artifacts[: stage + 1]
-            target = folder / f"stage-{stage + 1}"
+            target = stage_folder(folder, stage, self.stages[stage].name) / "model"
             if method.merge is not None:
                 self._merge(method, inputs, target)
             else:
                 self._mix(method, inputs, target)
             identity = [method.model_dump(), inputs, self.config.model]
-            cache_folder = folder / f"eval-stage-{stage + 1}"
-            cached = EvalCache(cache_folder).get(
-                cache_key(
-                    [identity, stage], self.task_keys, self.config.evaluation.model_dump(), self.config.seed
-                )
-            )
-            if cached is None:
-                self.log(f"{method.name}: evaluating stage {stage + 1}/{len(self.stages)}")
-                model, tokenizer = self._load_combined(target, load_model)
-                cached = self.evaluate(cache_folder, [identity, stage], model, tokenizer)
-            rows.append(cached)
+            what = f"{method.name} at stage {stage + 1}/{len(self.stages)}"
+            load = lambda target=target: self._load_combined(target, load_model)  # noqa: E731
+            rows.append(self.evaluate(target.parent, [identity, stage], load, what))
         self.timings[method.name] = round(time.perf_counter() - start, 1)
         return {"stages": [task.name for task in self.stages], "rows": rows}
 

@@ -1,0 +1,105 @@
+"""The experiment runner end to end on tiny models: results, resume, lock, kill-and-resume."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from forgetless.config import validate_config
+from forgetless.errors import InputError
+from forgetless.experiment.lock import LOCK_NAME, run_lock
+from forgetless.experiment.runner import run_experiment
+
+CONFIG = {
+    "name": "tiny",
+    "model": "tiny-llama",
+    "seed": 0,
+    "tasks": ["kelvar_dates", "zorbian_topics"],
+    "limits": {"train": 8, "test": 3},
+    "train": {"epochs": 1, "batch_size": 4, "max_length": 48, "checkpoint_every": 1},
+    "methods": [
+        {"name": "seq_lora", "strategy": "sequential_lora", "params": {"r": 2, "alpha": 4}},
+        {"name": "one_round", "strategy": "one_round", "params": {"r": 2, "alpha": 4}, "evaluate": False},
+        {"name": "avg", "merge": {"method": "average", "source": "one_round"}},
+    ],
+    "evaluation": {"general": ["general_commonsense"], "general_limit": 3, "batch_size": 4},
+}
+
+
+def scores(results):
+    return {name: (entry["matrix"], entry["general"]) for name, entry in results["methods"].items()}
+
+
+def test_run_writes_matrices_and_resumes(tmp_path):
+    config = validate_config(CONFIG)
+    results = run_experiment(config, tmp_path / "run")
+    assert set(results["methods"]) == {"seq_lora", "avg"}  # one_round is a source, not evaluated
+    for entry in results["methods"].values():
+        assert len(entry["matrix"]) == 3 and len(entry["matrix"][0]) == 2  # base + 2 stages, 2 tasks
+        assert entry["matrix"][0] == results["methods"]["seq_lora"]["matrix"][0]  # one shared base row
+        assert "bwt" in entry["metrics"] and "retention" in entry["metrics"]
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert scores(saved) == scores(results)
+    start = time.perf_counter()
+    again = run_experiment(config, tmp_path / "run")
+    assert scores(again) == scores(results)
+    assert time.perf_counter() - start < 60  # nothing retrained (behaviour, generous bound)
+    assert not (tmp_path / "run" / LOCK_NAME).exists()
+
+
+def test_second_run_on_the_same_folder_is_refused(tmp_path):
+    with run_lock(tmp_path):
+        with pytest.raises(InputError, match="in use by another forgetless run"):
+            with run_lock(tmp_path):
+                pass
+    # a lock left by a dead process is taken over
+    (tmp_path / LOCK_NAME).write_text(json.dumps({"pid": 999_999_999, "host": os.uname().nodename}))
+    with run_lock(tmp_path):
+        pass
+
+
+def _assert_no_half_written_artifacts(out: Path) -> None:
+    """Every artifact under its final name is complete: JSON parses, safetensors open."""
+    from safetensors import safe_open
+
+    for path in out.rglob("*"):
+        if any(part.startswith(".tmp-") for part in path.relative_to(out).parts) or not path.is_file():
+            continue  # temp files of an interrupted atomic write: never read
+        if path.suffix == ".json":
+            json.loads(path.read_text())
+        elif path.suffix == ".safetensors":
+            with safe_open(str(path), framework="pt") as handle:
+                list(handle.keys())
+
+
+def _cli(config_path: Path, out: Path) -> list[str]:
+    return [sys.executable, "-m", "forgetless.cli", "run", str(config_path), "--out", str(out), "--no-report"]
+
+
+@pytest.mark.slow
+def test_killed_runs_resume_to_the_same_numbers(tmp_path):
+    config_path = tmp_path / "c.yaml"
+    config_path.write_text(yaml.safe_dump(CONFIG))
+    reference = tmp_path / "reference"
+    subprocess.run(_cli(config_path, reference), check=True, capture_output=True)
+    expected = scores(json.loads((reference / "results.json").read_text()))
+    rng = random.Random(0)
+    for attempt in range(3):
+        out = tmp_path / f"killed-{attempt}"
+        for _ in range(2):  # kill twice at random points, then let it finish
+            proc = subprocess.Popen(
+                _cli(config_path, out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            )
+            time.sleep(rng.uniform(3, 20))
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            _assert_no_half_written_artifacts(out)
+        subprocess.run(_cli(config_path, out), check=True, capture_output=True)
+        assert scores(json.loads((out / "results.json").read_text())) == expected

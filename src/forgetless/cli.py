@@ -199,6 +199,160 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return _run_and_report(config, args.out)
 
 
+def _key_values(items: list[str], what: str) -> dict:
+    from forgetless.config import apply_overrides
+
+    return apply_overrides({}, [f"{what}.{item}" for item in items]).get(what, {})
+
+
+def _train_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--strategy", required=True, help="strategy name (sequential_lora, olora, slim, ...)")
+    parser.add_argument("--tasks", required=True, help="comma-separated built-in task names, in order")
+    parser.add_argument("--model", default=None, help="base model (default: the embedded model)")
+    parser.add_argument("--out", required=True, help="output folder of the stage folders")
+    parser.add_argument(
+        "--param", action="append", default=[], help="strategy parameter key=value (repeatable)"
+    )
+    parser.add_argument(
+        "--train", action="append", default=[], help="training setting key=value (repeatable)"
+    )
+    parser.add_argument(
+        "--setting", default="semi_cooperative", choices=["semi_cooperative", "fully_cooperative"]
+    )
+    parser.add_argument("--limit-train", type=int, default=None, help="at most this many examples per task")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+@command("train", "train one strategy over a task sequence (no evaluation); prints the stage artifacts", _train_args,
+         epilog="""examples:
+  forgetless train --strategy sequential_lora --tasks zorbian_topics,kelvar_dates --out runs/lora --param r=8
+  forgetless train --strategy slim --tasks kelvar_dates --out runs/slim --train epochs=3 --train lr=5e-4""")  # fmt: skip
+def cmd_train(args: argparse.Namespace) -> int:
+    from forgetless.models import DEFAULT_MODEL
+    from forgetless.tasks import expand_task_names, get_task
+    from forgetless.training import TrainConfig, results_table, run_strategy
+
+    names = expand_task_names([name.strip() for name in args.tasks.split(",") if name.strip()])
+    tasks = [get_task(name, args.seed).limited(args.limit_train, None, args.seed) for name in names]
+    config = TrainConfig.coerce({"seed": args.seed, **_key_values(args.train, "train")})
+    results = run_strategy(args.strategy, _key_values(args.param, "param"), args.model or DEFAULT_MODEL, tasks,
+                           config, args.out, args.setting)  # fmt: skip
+    print(results_table(results))
+    return 0
+
+
+def _eval_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model", default=None, help="model alias, .gguf, HF folder or hub id (default: embedded)"
+    )
+    parser.add_argument("--adapter", default=None, help="forgetless or PEFT adapter folder to load on top")
+    parser.add_argument(
+        "--tasks", default="general", help="comma-separated tasks or suites (default: general)"
+    )
+    parser.add_argument("--out", default=None, help="write the scores as JSON here")
+    parser.add_argument("--limit", type=int, default=None, help="at most this many items per task")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--seed", type=int, default=0)
+
+
+@command("eval", "evaluate one model (optionally with an adapter) on tasks or suites", _eval_args,
+         epilog="""examples:
+  forgetless eval --tasks general,kelvar_dates --limit 20
+  forgetless eval --model runs/demo/methods/seq_fft/stage-2-glorp_arithmetic/model --tasks general --out scores.json""")  # fmt: skip
+def cmd_eval(args: argparse.Namespace) -> int:
+    from forgetless.evaluation import run_eval
+    from forgetless.models import DEFAULT_MODEL
+
+    names = [name.strip() for name in args.tasks.split(",") if name.strip()]
+    result = run_eval(args.model or DEFAULT_MODEL, args.adapter, names, args.out, args.limit, args.batch_size,
+                      seed=args.seed)  # fmt: skip
+    rows = [{"task": name, "score": f"{100 * score:.1f}"} for name, score in result["scores"].items()]
+    rows += [
+        {"task": f"general: {family}", "score": f"{100 * v:.1f}"} for family, v in result["general"].items()
+    ]
+    _table(rows, ["task", "score"], f"forgetless eval ({result['seconds']:.0f} s)")
+    return 0
+
+
+def _merge_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "config", help="merge YAML (mergekit-like: merge_method, base_model, models, parameters)"
+    )
+    parser.add_argument(
+        "--out", required=True, help="output folder (HF model or PEFT LoRA), written atomically"
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+
+
+@command("merge", "merge models or LoRA adapters (average, task_arithmetic, ties, dare, dare_ties, lora_average)",
+         _merge_args, epilog="example:\n  forgetless merge examples/merge_ties.yaml --out merged/")  # fmt: skip
+def cmd_merge(args: argparse.Namespace) -> int:
+    import json
+
+    from forgetless.merging import load_merge_config, run_merge
+
+    summary = run_merge(load_merge_config(args.config), args.out, overwrite=args.overwrite)
+    print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+@command("mix", "mix models (Mixtral-style MoE) or LoRA adapters (routed LoRA experts) into one model",
+         _merge_args, epilog="example:\n  forgetless mix examples/mix_lora.yaml --out mixed/")  # fmt: skip
+def cmd_mix(args: argparse.Namespace) -> int:
+    import json
+
+    from forgetless.mixing import load_mix_config, run_mix
+
+    summary = run_mix(load_mix_config(args.config), args.out, overwrite=args.overwrite)
+    print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+def _report_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", help="a run folder holding results.json (written by forgetless run)")
+    parser.add_argument("--out", default=None, help="report folder (default: the run folder)")
+
+
+@command("report", "write tables, plots and report.html for a finished (or partial) run", _report_args,
+         epilog="example:\n  forgetless report runs/demo")  # fmt: skip
+def cmd_report(args: argparse.Namespace) -> int:
+    from forgetless.report import write_report
+
+    print(write_report(args.run_dir, args.out))
+    return 0
+
+
+def _inspect_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("adapter", help="a SLIM / MoE-LoRA adapter folder")
+    parser.add_argument(
+        "--model", default=None, help="its base model (default: the one recorded in the adapter)"
+    )
+    parser.add_argument(
+        "--tasks", default="general", help="comma-separated tasks or suites whose prompts are routed"
+    )
+    parser.add_argument("--limit", type=int, default=32, help="prompts per task")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
+
+
+@command("inspect", "SLIM routing diagnostics: identity-expert share, expert load, distances per layer", _inspect_args,
+         epilog="example:\n  forgetless inspect runs/demo/methods/slim/stage-2-glorp_arithmetic/adapter --tasks general,kelvar_dates")  # fmt: skip
+def cmd_inspect(args: argparse.Namespace) -> int:
+    import json
+
+    from forgetless.adapters.diagnostics import inspect_adapter
+
+    names = [name.strip() for name in args.tasks.split(",") if name.strip()]
+    report = inspect_adapter(args.adapter, names, model_spec=args.model, limit=args.limit)
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    for task, layers in report["tasks"].items():
+        rows = [{"layer": name, **{k: f"{v:.3f}" if isinstance(v, float) else str(v) for k, v in stats.items()}}
+                for name, stats in layers.items()]  # fmt: skip
+        _table(rows, list(rows[0]), f"routing on {task}") if rows else None
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     # command modules register themselves on import (kept lazy: heavy imports happen inside commands)
     parser = argparse.ArgumentParser(

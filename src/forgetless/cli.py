@@ -339,17 +339,23 @@ def _inspect_args(parser: argparse.ArgumentParser) -> None:
 def cmd_inspect(args: argparse.Namespace) -> int:
     import json
 
-    from forgetless.adapters.diagnostics import inspect_adapter
+    from forgetless.experiment.inspect import inspect_adapter
 
     names = [name.strip() for name in args.tasks.split(",") if name.strip()]
     report = inspect_adapter(args.adapter, names, model_spec=args.model, limit=args.limit)
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
-    for task, layers in report["tasks"].items():
-        rows = [{"layer": name, **{k: f"{v:.3f}" if isinstance(v, float) else str(v) for k, v in stats.items()}}
-                for name, stats in layers.items()]  # fmt: skip
-        _table(rows, list(rows[0]), f"routing on {task}") if rows else None
+    tasks = list(report["tasks"])
+    layers = list(report["tasks"][tasks[0]]) if tasks else []
+    rows = [
+        {"layer": "all layers (mean)", **{t: f"{report['summary'][t]['identity_share']:.3f}" for t in tasks}}
+    ]
+    rows += [
+        {"layer": layer, **{t: f"{report['tasks'][t][layer]['identity_share']:.3f}" for t in tasks}}
+        for layer in layers
+    ]
+    _table(rows, ["layer", *tasks], "share of tokens routed to identity experts, per task")
     return 0
 
 

@@ -1,0 +1,66 @@
+"""``forgetless inspect``: route task prompts through a SLIM / MoE-LoRA adapter and summarise.
+
+Glue over ``adapters.routing_diagnostics``: load the adapter's base model (recorded in its
+``forgetless_adapter.json``), encode each task's test prompts exactly as evaluation does, and
+report, per task, the identity-expert share, expert load and distance statistics per layer.
+Comparing an in-task suite with the general suite shows whether weight yielding sends general
+inputs to the identity experts (the point of SLIM).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from forgetless.errors import InputError
+
+
+def _batches(tokenizer: Any, prompts: list[str], batch_size: int = 8) -> list[dict[str, torch.Tensor]]:
+    from forgetless.data import PromptFormatter
+
+    formatter = PromptFormatter(tokenizer)
+    encoded = [formatter.prompt_ids(prompt) for prompt in prompts]
+    batches = []
+    for start in range(0, len(encoded), batch_size):
+        rows = encoded[start : start + batch_size]
+        width = max(len(row) for row in rows)
+        ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for index, row in enumerate(rows):
+            ids[index, : len(row)] = torch.tensor(row)
+            mask[index, : len(row)] = 1
+        batches.append({"input_ids": ids, "attention_mask": mask})
+    return batches
+
+
+def inspect_adapter(
+    adapter: str | Path, task_names: list[str], model_spec: str | None = None, limit: int = 32, seed: int = 0
+) -> dict[str, Any]:
+    """Routing diagnostics of ``adapter`` on the test prompts of each task (built-in names or suites)."""
+    from forgetless.adapters import load_adapter
+    from forgetless.adapters.diagnostics import routing_diagnostics
+    from forgetless.models import load_model
+    from forgetless.tasks import expand_task_names, get_task
+
+    manifest = Path(adapter) / "forgetless_adapter.json"
+    if not manifest.exists():
+        raise InputError(f"{adapter} is not a forgetless adapter folder (no forgetless_adapter.json)")
+    names = expand_task_names(task_names)
+    base = model_spec or json.loads(manifest.read_text(encoding="utf-8")).get("base_model")
+    if not base:
+        raise InputError(f"{manifest} records no base model; pass --model")
+    model, tokenizer = load_model(base, seed=seed)
+    load_adapter(model, adapter)
+    report: dict[str, Any] = {"adapter": str(adapter), "model": base, "summary": {}, "tasks": {}}
+    for name in names:
+        task = get_task(name, seed).limited(None, limit, seed)
+        result = routing_diagnostics(model, _batches(tokenizer, [e.prompt for e in task.test]))
+        report["summary"][name] = {"identity_share": result["identity_share"], "tokens": result["tokens"]}
+        report["tasks"][name] = {
+            layer: {key: value for key, value in stats.items() if isinstance(value, (int, float))}
+            for layer, stats in result["layers"].items()
+        }
+    return report

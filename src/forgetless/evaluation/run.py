@@ -1,0 +1,114 @@
+"""One-off evaluation (``forgetless eval``): load a model (+ adapter), score tasks, write JSON.
+
+Output (``out_file``, written atomically)::
+
+    {"model": SPEC, "adapter": DIR | null, "seed": 0, "limit": N | null, "batch_size": 16,
+     "style": "auto", "seconds": 12.3,
+     "scores": {task: score},                      # the row this model adds to an accuracy matrix
+     "general": {family: score},                   # general-suite tasks averaged per family
+     "tasks": {task: TaskScore.to_dict()}}         # metric, n, measures, per-example details
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from forgetless.data.formatting import Style
+from forgetless.data.task import Task
+from forgetless.errors import InputError
+from forgetless.evaluation.evaluate import TaskScore, evaluate_task
+from forgetless.io import write_json
+
+
+def resolve_tasks(task_names: Sequence[str], seed: int = 0) -> list[Task]:
+    """Built-in task and suite names, or task spec files (``.yaml`` / ``.yml`` / ``.json``) -> tasks."""
+    import yaml
+
+    from forgetless.data.spec import TaskSpec
+    from forgetless.tasks import expand_task_names, get_task
+
+    tasks: list[Task] = []
+    for name in task_names:
+        path = Path(name).expanduser()
+        if path.suffix.lower() in (".yaml", ".yml", ".json"):
+            if not path.is_file():
+                raise InputError(f"task spec file {path} does not exist")
+            with open(path, encoding="utf-8") as handle:
+                raw = yaml.safe_load(handle)
+            if not isinstance(raw, dict):
+                raise InputError(f"{path}: a task spec must be a mapping (name, test, metric ...)")
+            try:
+                spec = TaskSpec(**raw)
+            except ValueError as error:  # pydantic's ValidationError is a ValueError
+                first = str(error).splitlines()
+                raise InputError(f"{path}: {' '.join(first[1:3]) if len(first) > 2 else first[0]}") from None
+            tasks.append(spec.load(path.parent, seed))
+        else:
+            tasks.extend(get_task(task, seed) for task in expand_task_names([name]))
+    if not tasks:
+        raise InputError("no tasks given; name built-in tasks or suites (forgetless tasks lists them)")
+    return tasks
+
+
+def general_by_family(scores: dict[str, TaskScore], tasks: Sequence[Task]) -> dict[str, float]:
+    """Mean score of the general-suite tasks in each family (the columns of the matrix ``G``)."""
+    grouped: dict[str, list[float]] = {}
+    for task in tasks:
+        if task.kind == "general" and task.name in scores:
+            grouped.setdefault(task.family or task.name, []).append(scores[task.name].score)
+    return {family: sum(values) / len(values) for family, values in sorted(grouped.items())}
+
+
+def run_eval(
+    model_spec: str,
+    adapter: str | os.PathLike | None,
+    task_names: Sequence[str],
+    out_file: str | os.PathLike | None,
+    limit: int | None = None,
+    batch_size: int = 16,
+    *,
+    seed: int = 0,
+    style: Style = "auto",
+    dtype: str = "float32",
+) -> dict[str, Any]:
+    """Load ``model_spec`` (+ ``adapter``), evaluate ``task_names``, write ``out_file`` (if given).
+
+    Tasks are checked before the model is loaded, so a typo fails in a second, not after loading.
+
+    Returns:
+        The dict written to ``out_file`` (see the module docstring).
+    """
+    from forgetless.models import load_model
+
+    tasks = resolve_tasks(task_names, seed)
+    start = time.perf_counter()
+    model, tokenizer = load_model(model_spec, dtype=dtype, seed=seed)
+    if adapter is not None:
+        from forgetless.adapters import load_adapter
+
+        load_adapter(model, adapter)
+    scores = {
+        task.name: evaluate_task(
+            model, tokenizer, task, batch_size=batch_size, limit=limit, style=style, seed=seed
+        )
+        for task in tasks
+    }
+    result = {
+        "model": str(model_spec),
+        "adapter": None if adapter is None else str(adapter),
+        "seed": seed,
+        "limit": limit,
+        "batch_size": batch_size,
+        "style": style,
+        "seconds": round(time.perf_counter() - start, 3),
+        "scores": {name: score.score for name, score in scores.items()},
+        "general": general_by_family(scores, tasks),
+        "tasks": {name: score.to_dict() for name, score in scores.items()},
+    }
+    if out_file is not None:
+        write_json(out_file, result)
+    return result

@@ -1,0 +1,185 @@
+"""Paper-shaped tables (Tables 1-5 of the collaborative-knowledge paper) as data, Markdown and HTML.
+
+Per method, new knowledge: rows ``base``, ``METHOD 1``, ``METHOD 1,2``, ``METHOD 1-3`` ... (after
+each stage), columns the tasks and ``AVE``, then a ``gain base`` row (relative change of the
+last row over the base, in %) and a ``BWT`` row (the paper's relative backward transfer, in %).
+Per method, general ability: the same rows over the general-suite columns. One summary table
+compares the methods; one final table lists every method's last row (the paper's Table 5).
+"""
+
+from __future__ import annotations
+
+import html
+from dataclasses import dataclass, field
+from typing import Any
+
+from forgetless.report.schema import stage_labels
+
+
+@dataclass
+class Table:
+    """A titled table of already formatted cells."""
+
+    title: str
+    header: list[str]
+    rows: list[list[str]]
+    note: str = ""
+    emphasis: set[int] = field(default_factory=set)  # row indices shown in bold (gain / BWT rows)
+
+
+def score(value: float | None) -> str:
+    return "–" if value is None else f"{value:.4f}"
+
+
+def percent(value: float | None, digits: int = 1) -> str:
+    return "–" if value is None else f"{100 * value:+.{digits}f}%"
+
+
+def _span(stage: int) -> str:
+    """Paper row names: 1, 1,2, 1-3, 1-4 ..."""
+    return {1: "1", 2: "1,2"}.get(stage, f"1-{stage}")
+
+
+def _mean(values: list[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return sum(present) / len(present) if present else None
+
+
+def _matrix_table(
+    method: str, entry: dict[str, Any], columns: list[str], matrix: list[list[Any]], title: str, bwt: bool
+) -> Table:
+    metrics = entry["metrics"]
+    labels = stage_labels(entry)
+    rows = []
+    for index, values in enumerate(matrix):
+        name = "base" if index == 0 else f"{method} {_span(index)}"
+        rows.append([name, *[score(v) for v in values], score(_mean(values))])
+    prefix = "general_" if not bwt else ""
+    gains = metrics[f"{prefix}gain_from_base"]
+    rows.append(["gain base", *[percent(g, 2) for g in gains], percent(metrics[f"{prefix}gain_average"], 1)])
+    emphasis = {len(rows) - 1}
+    if bwt:
+        rows.append(["BWT", *[percent(b, 1) if b is not None else "" for b in metrics["bwt_per_task"]], ""])
+        emphasis.add(len(rows) - 1)
+    order = ", ".join(f"{i} = {label}" for i, label in enumerate(labels) if i > 0)
+    return Table(
+        title, ["", *columns, "AVE"], rows, note=f"stages: {order}" if order else "", emphasis=emphasis
+    )
+
+
+def method_tables(results: dict[str, Any]) -> list[Table]:
+    """Per method: the new-knowledge table, and the general-ability table when there is a suite."""
+    tables = []
+    for method, entry in results["methods"].items():
+        tables.append(
+            _matrix_table(
+                method, entry, results["tasks"], entry["matrix"], f"{method}: new knowledge per stage", True
+            )
+        )
+        if results.get("general") and entry.get("general"):
+            tables.append(
+                _matrix_table(
+                    method,
+                    entry,
+                    results["general"],
+                    entry["general"],
+                    f"{method}: general ability per stage",
+                    False,
+                )
+            )
+    return tables
+
+
+def summary_table(results: dict[str, Any]) -> Table:
+    """One row per method: acquisition, final average, BWT (relative, absolute), FWT, gains, retention."""
+    header = [
+        "method",
+        "acquisition",
+        "final AVE",
+        "BWT",
+        "BWT (abs)",
+        "FWT",
+        "gain base",
+        "general",
+        "retention",
+    ]
+    rows = []
+    for method, entry in results["methods"].items():
+        m = entry["metrics"]
+        general_last = m.get("general_average_per_stage", [None])[-1]
+        rows.append(
+            [
+                method,
+                score(m["acquisition_average"]),
+                score(m["final_average"]),
+                percent(m["bwt"]),
+                "–" if m["bwt_absolute"] is None else f"{m['bwt_absolute']:+.4f}",
+                "–" if m["fwt"] is None else f"{m['fwt']:+.4f}",
+                percent(m["gain_average"]),
+                score(general_last),
+                "–" if m.get("retention") is None else f"{100 * m['retention']:.1f}%",
+            ]
+        )
+    note = (
+        "acquisition: mean of R[s_j][j] (score right after learning task j); BWT: mean relative change "
+        "from then to the end; BWT (abs): the same as a difference; FWT: R[s_j-1][j] - R[0][j]; "
+        "gain base: relative change of the final AVE over the base; general: mean general-suite score "
+        "after the last stage; retention: that over the base's."
+    )
+    return Table("Summary: every method after its last stage", header, rows, note=note)
+
+
+def final_table(results: dict[str, Any]) -> Table:
+    """The paper's Table 5: the base and every method's last row, tasks and general columns."""
+    general = results.get("general") or []
+    header = ["", *results["tasks"], "AVnew", *general, *(["AVgen"] if general else [])]
+    first = next(iter(results["methods"].values()))
+
+    def row(name: str, tasks: list, gen: list | None) -> list[str]:
+        cells = [name, *[score(v) for v in tasks], score(_mean(tasks))]
+        if general:
+            gen = gen or [None] * len(general)
+            cells += [*[score(v) for v in gen], score(_mean(gen))]
+        return cells
+
+    rows = [row("base", first["matrix"][0], (first.get("general") or [None])[0])]
+    for method, entry in results["methods"].items():
+        rows.append(row(method, entry["matrix"][-1], (entry.get("general") or [None])[-1]))
+    return Table("Final scores: base and every method after its last stage", header, rows)
+
+
+def all_tables(results: dict[str, Any]) -> list[Table]:
+    return [summary_table(results), final_table(results), *method_tables(results)]
+
+
+def to_markdown(table: Table) -> str:
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |"
+
+    out = [f"### {table.title}", "", line(table.header), line(["---"] * len(table.header))]
+    for index, cells in enumerate(table.rows):
+        out.append(line([f"**{c}**" if index in table.emphasis and c else c for c in cells]))
+    if table.note:
+        out += ["", f"_{table.note}_"]
+    return "\n".join(out) + "\n"
+
+
+def to_html(table: Table) -> str:
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in table.header)
+    body = []
+    for index, cells in enumerate(table.rows):
+        css = ' class="emphasis"' if index in table.emphasis else ""
+        body.append(f"<tr{css}>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
+    note = f'<p class="note">{html.escape(table.note)}</p>' if table.note else ""
+    return (
+        f"<h3>{html.escape(table.title)}</h3>\n<table>\n<thead><tr>{head}</tr></thead>\n"
+        f"<tbody>\n{chr(10).join(body)}\n</tbody>\n</table>\n{note}\n"
+    )
+
+
+def markdown_report(results: dict[str, Any]) -> str:
+    """tables.md: every table, summary first."""
+    name = results.get("run", {}).get("name", "run") if isinstance(results.get("run"), dict) else "run"
+    parts = [f"# forgetless results: {name}\n", "Scores in [0, 1]; gain and BWT in percent.\n"]
+    parts += [to_markdown(table) for table in all_tables(results)]
+    return "\n".join(parts)

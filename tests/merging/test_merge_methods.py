@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from forgetless.merging import MERGE_METHODS
-from forgetless.merging.base import keep_mask, magnitude_trim, random_drop
+from forgetless.merging.base import keep_mask, kth_largest, magnitude_trim, random_drop
 
 # Three task vectors whose magnitudes are a permutation of 1..12 each, so that "top 6 by
 # magnitude" (density 0.5) is unambiguous: every model keeps its entries of magnitude 7..12.
@@ -33,6 +33,31 @@ def test_magnitude_trim_breaks_ties_by_lowest_index_and_keeps_exactly_k():
     # k = int(0.6 * 5) = 3: 3 and the first two 2s (indices 1 and 2) survive, index 3 does not
     assert torch.equal(magnitude_trim(delta, 0.6), torch.tensor([3.0, -2, 2, 0, 0]))
     assert torch.equal(magnitude_trim(delta, 0.01), torch.tensor([3.0, 0, 0, 0, 0]))  # at least one
+
+
+def test_kth_largest_is_exact_on_large_tensors_with_ties():
+    values = torch.randn(3_000_000, generator=torch.Generator().manual_seed(0)).abs()
+    values[::7] = values[0]  # a value repeated 430k times
+    for k in (1, 1000, 600_000, 2_999_999):
+        assert kth_largest(values, k) == torch.kthvalue(values, values.numel() - k + 1).values
+    ascending = torch.arange(2_000_000, dtype=torch.float32)  # sorted input, no randomness
+    assert kth_largest(ascending, 400_000) == 1_600_000
+
+
+def test_magnitude_trim_on_a_large_tensor_keeps_exactly_k_lowest_index_ties_first():
+    delta = torch.randn(1500, 1000, generator=torch.Generator().manual_seed(1))
+    delta.view(-1)[::5] = 1.25  # 20% of the entries share one magnitude, straddling the cut
+    trimmed = magnitude_trim(delta, 0.2)
+    k = int(0.2 * delta.numel())
+    kept = trimmed.view(-1) != 0
+    assert int(kept.sum()) == k
+    assert delta.view(-1)[kept].abs().min() >= delta.view(-1)[~kept].abs().max()
+    tied = (delta.view(-1).abs() == delta.view(-1)[kept].abs().min()).nonzero().squeeze(1)
+    kept_ties = kept[tied]
+    assert 0 < int(kept_ties.sum()) < tied.numel()  # the cut falls inside the tie
+    assert torch.equal(kept_ties, kept_ties.sort(descending=True).values)  # kept ones come first
+    plain = torch.randn(300, 200, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(magnitude_trim(plain.T, 0.2), magnitude_trim(plain, 0.2).T)  # non-contiguous input
 
 
 def test_ties_equal_weights_by_hand():

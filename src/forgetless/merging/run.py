@@ -36,7 +36,14 @@ from forgetless.merging.sources import (
     open_source,
     tensor_seed,
 )
-from forgetless.merging.streaming import ShardedWriter, parse_size, peak_rss_bytes, read_header
+from forgetless.merging.streaming import (
+    SafetensorsReader,
+    ShardedWriter,
+    parse_size,
+    peak_rss_bytes,
+    read_header,
+    reuse_freed_memory,
+)
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt")
 _SKIP_FILES = {
@@ -45,6 +52,24 @@ _SKIP_FILES = {
     "forgetless_mix.json",
     "adapter_config.json",
 }
+
+
+class LazyInputs(Sequence[Tensor]):
+    """One tensor name across the input models, read from disk on each access.
+
+    Merge methods consume their inputs one at a time (``base.each_input``), so at most one raw
+    input tensor is alive beside what the method keeps: peak memory does not grow with a second
+    full copy of every input.
+    """
+
+    def __init__(self, readers: Sequence[SafetensorsReader], name: str) -> None:
+        self.readers, self.name = readers, name
+
+    def __len__(self) -> int:
+        return len(self.readers)
+
+    def __getitem__(self, index: int) -> Tensor:  # type: ignore[override]
+        return self.readers[index].read(self.name)
 
 
 def merge_tensor(
@@ -228,17 +253,18 @@ class _Plan:
         plan = [(name, self._out_dtype(reader.dtype(name)), reader.shape(name)) for name in names]
         writer = ShardedWriter(folder, plan, max_bytes)
         merged = 0
+        readers = [source.reader for source in self.sources]
         for name in names:
-            base = self.base.reader.read(name) if self.base is not None else None
-            inputs = [source.reader.read(name) for source in self.sources]
-            if inputs[0].is_floating_point():
+            if reader.dtype(name).is_floating_point:
+                base = self.base.reader.read(name) if self.base is not None else None
+                inputs = LazyInputs(readers, name)
                 out = merge_tensor(
                     self.method, name, base, inputs, self.per_model, self.shared, self.config.seed
                 )
                 merged += 1
+                del base
             else:  # integer buffers (position ids ...) are copied from the reference
-                out = base if base is not None else inputs[0]
-            del base, inputs
+                out = reader.read(name)
             writer.write(name, out)
             del out
         files = writer.close()
@@ -332,7 +358,7 @@ def run_merge(config: MergeConfig, out_dir: str | Path, overwrite: bool = False)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="forgetless-merge-") as scratch:
         plan = _Plan(config, Path(scratch))
-        with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        with atomic_dir(out_dir, overwrite=overwrite) as tmp, reuse_freed_memory():
             summary = {
                 "merge_method": config.merge_method,
                 "inputs": "lora" if plan.lora else "models",

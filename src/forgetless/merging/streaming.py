@@ -14,10 +14,13 @@ offset. Nothing is buffered per shard; the files are standard safetensors (plus 
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
 import os
 import re
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -264,6 +267,33 @@ class ShardedWriter:
         return files
 
 
+@contextlib.contextmanager
+def reuse_freed_memory() -> Iterator[None]:
+    """While merging, let glibc reuse freed large blocks instead of unmapping them; release after.
+
+    glibc serves large allocations with fresh ``mmap`` pages and unmaps them on free, so every
+    temporary of a merge (a task vector, its magnitudes) pays a page fault per 4 KiB on first
+    touch. Measured on 2 CPU cores with a 108 MiB tensor: ``abs`` 166 ms with fresh pages, 35 ms
+    with reused ones. Raising the mmap and trim thresholds keeps freed blocks in the heap for the
+    next tensor of the same size; ``malloc_trim`` hands the memory back at the end. No-op off glibc.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt, malloc_trim = libc.mallopt, libc.malloc_trim
+    except (OSError, AttributeError):
+        yield
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    mallopt(m_mmap_threshold, 1 << 30)
+    mallopt(m_trim_threshold, (1 << 31) - 1)
+    try:
+        yield
+    finally:
+        mallopt(m_mmap_threshold, 128 * 1024)  # glibc's documented defaults
+        mallopt(m_trim_threshold, 128 * 1024)
+        malloc_trim(0)
+
+
 def peak_rss_bytes() -> int:
     """The process's peak resident set size so far (Linux ``ru_maxrss`` is in KiB)."""
     import resource
@@ -279,5 +309,6 @@ __all__ = [
     "parse_size",
     "peak_rss_bytes",
     "read_header",
+    "reuse_freed_memory",
     "weight_files",
 ]

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
 from torch import Tensor
 
-from forgetless.merging.base import check_inputs, merge_method, work_dtype
+from forgetless.merging.base import check_inputs, each_input, merge_method, work_dtype
 
 
 @merge_method("average", needs_base=False, per_model={"weight": 1.0})
@@ -25,11 +24,18 @@ def average(
     Returns:
         float32 (float64 for float64 inputs) tensor of shape ``S``.
     """
-    check_inputs(None, tensors, {"weight": weight})
-    dtype = work_dtype(tensors[0])
-    merged = torch.zeros(tensors[0].shape, dtype=dtype)
-    for tensor, w in zip(tensors, weight):
-        merged.add_(tensor.to(dtype), alpha=w)
+    check_inputs(tensors, {"weight": weight})
+    dtype = work_dtype(tensors[0]) if base is None else work_dtype(base)
+    merged: Tensor | None = None
+    for tensor, w in zip(each_input(tensors, None if base is None else base.shape, dtype), weight):
+        if merged is None:  # w * t equals 0 + w * t bit for bit, without a pass over zeros
+            merged = tensor * w
+        else:
+            if tensor.shape != merged.shape:
+                raise ValueError(f"shape mismatch: {tuple(tensor.shape)} vs {tuple(merged.shape)}")
+            merged.add_(tensor, alpha=w)
+        del tensor
+    assert merged is not None
     if normalize:
         total = sum(weight)
         if abs(total) < 1e-12:

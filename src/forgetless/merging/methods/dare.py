@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from forgetless.merging.base import check_inputs, merge_method, random_drop, work_dtype
+from forgetless.merging.base import check_inputs, each_input, merge_method, random_drop_, work_dtype
 
 
 @merge_method("dare", needs_base=True, per_model={"weight": 1.0, "density": 1.0})
@@ -37,12 +37,12 @@ def dare(
     Returns:
         merged tensor of shape ``S`` (float32, or float64 for float64 inputs).
     """
-    check_inputs(base, tensors, {"weight": weight, "density": density})
+    check_inputs(tensors, {"weight": weight, "density": density})
     dtype = work_dtype(base)
     base = base.to(dtype)
     merged = torch.zeros_like(base)
-    for index, (tensor, w, d) in enumerate(zip(tensors, weight, density)):
-        merged.add_(random_drop(tensor.to(dtype) - base, d, seed, index, rescale), alpha=w)
+    for index, (tensor, w, d) in enumerate(zip(each_input(tensors, base.shape, dtype), weight, density)):
+        merged.add_(random_drop_(tensor - base, d, seed, index, rescale), alpha=w)
     if normalize and abs(sum(weight)) >= 1e-8:
         merged.div_(sum(weight))
     if lambda_ != 1:

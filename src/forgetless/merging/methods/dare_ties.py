@@ -6,7 +6,14 @@ from collections.abc import Sequence
 
 from torch import Tensor
 
-from forgetless.merging.base import check_inputs, merge_method, random_drop, sign_consensus_merge, work_dtype
+from forgetless.merging.base import (
+    check_inputs,
+    each_input,
+    merge_method,
+    random_drop_,
+    sign_consensus_merge,
+    work_dtype,
+)
 
 
 @merge_method("dare_ties", needs_base=True, per_model={"weight": 1.0, "density": 1.0})
@@ -39,15 +46,15 @@ def dare_ties(
     Returns:
         merged tensor of shape ``S`` (float32, or float64 for float64 inputs).
     """
-    check_inputs(base, tensors, {"weight": weight, "density": density})
+    check_inputs(tensors, {"weight": weight, "density": density})
     dtype = work_dtype(base)
     base = base.to(dtype)
+    inputs = each_input(tensors, base.shape, dtype)
     dropped = [
-        random_drop(tensor.to(dtype) - base, d, seed, index, rescale)
-        for index, (tensor, d) in enumerate(zip(tensors, density))
+        random_drop_(tensor - base, d, seed, index, rescale)
+        for index, (tensor, d) in enumerate(zip(inputs, density))
     ]
     merged = sign_consensus_merge(dropped, weight, normalize)
-    del dropped
     if lambda_ != 1:
         merged.mul_(lambda_)
     return merged.add_(base)

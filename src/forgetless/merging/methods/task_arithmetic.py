@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from forgetless.merging.base import check_inputs, merge_method, work_dtype
+from forgetless.merging.base import check_inputs, each_input, merge_method, work_dtype
 
 
 @merge_method("task_arithmetic", needs_base=True, per_model={"weight": 1.0})
@@ -31,12 +31,12 @@ def task_arithmetic(
     Returns:
         merged tensor of shape ``S`` (float32, or float64 for float64 inputs).
     """
-    check_inputs(base, tensors, {"weight": weight})
+    check_inputs(tensors, {"weight": weight})
     dtype = work_dtype(base)
     base = base.to(dtype)
     merged = torch.zeros_like(base)
-    for tensor, w in zip(tensors, weight):
-        merged.add_(tensor.to(dtype) - base, alpha=w)
+    for tensor, w in zip(each_input(tensors, base.shape, dtype), weight):
+        merged.add_(tensor - base, alpha=w)
     if normalize and abs(sum(weight)) >= 1e-8:
         merged.div_(sum(weight))
     if lambda_ != 1:

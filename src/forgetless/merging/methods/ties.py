@@ -8,7 +8,8 @@ from torch import Tensor
 
 from forgetless.merging.base import (
     check_inputs,
-    magnitude_trim,
+    each_input,
+    magnitude_trim_,
     merge_method,
     sign_consensus_merge,
     work_dtype,
@@ -43,12 +44,15 @@ def ties(
     Returns:
         merged tensor of shape ``S`` (float32, or float64 for float64 inputs).
     """
-    check_inputs(base, tensors, {"weight": weight, "density": density})
+    check_inputs(tensors, {"weight": weight, "density": density})
     dtype = work_dtype(base)
     base = base.to(dtype)
-    trimmed = [magnitude_trim(tensor.to(dtype) - base, d) for tensor, d in zip(tensors, density)]
+    # each input becomes its trimmed task vector right away (the delta is ours to trim in place)
+    trimmed = [
+        magnitude_trim_(tensor - base, d)
+        for tensor, d in zip(each_input(tensors, base.shape, dtype), density)
+    ]
     merged = sign_consensus_merge(trimmed, weight, normalize)
-    del trimmed
     if lambda_ != 1:
         merged.mul_(lambda_)
     return merged.add_(base)

@@ -69,37 +69,67 @@ def test_stop_tokens_and_stop_strings_end_replies(tiny_llama):
     assert len(cut[1].token_ids) <= len(free[1].token_ids)
 
 
-@pytest.mark.parametrize("spec", ["tiny-llama", "tiny-gemma3"])
-def test_choice_loglikelihoods_equal_full_forward(spec, full_sequence_loglik):
-    """Including a prompt longer than tiny-gemma3's 64-token sliding window, and uneven choices."""
-    model, tokenizer = load_model(spec)
-    long_prompt = tokenizer(" ".join(f"word{i}" for i in range(40))).input_ids
-    prompts = [long_prompt, *_prompts(tokenizer)]
+def _choice_fixture(tokenizer, long_prompt_words: int = 0):
+    prompts = _prompts(tokenizer)
+    if long_prompt_words:
+        prompts = [tokenizer(" ".join(f"word{i}" for i in range(long_prompt_words))).input_ids, *prompts]
     choices = [
         [tokenizer(" yes and several more words").input_ids, tokenizer(" no").input_ids],
         [tokenizer(" fine").input_ids, tokenizer(" bad").input_ids, tokenizer(" ok then").input_ids],
         [tokenizer(" a").input_ids],
         [tokenizer(" Paris is").input_ids, tokenizer(" big").input_ids],
-    ]
-    got = choice_loglikelihoods(model, prompts, choices, pad_id=tokenizer.pad_token_id, batch_size=3)
+    ][-len(prompts) :]
+    return prompts, choices
+
+
+def _assert_matches_full_forward(model, prompts, choices, full_sequence_loglik, **kwargs):
+    got = choice_loglikelihoods(model, prompts, choices, pad_id=2, **kwargs)
     expected = [[full_sequence_loglik(model, p, c) for c in cs] for p, cs in zip(prompts, choices)]
-    assert len(long_prompt) > 64
+    assert [len(row) for row in got] == [len(cs) for cs in choices]
     for row_got, row_expected in zip(got, expected):
         assert row_got == pytest.approx(row_expected, abs=1e-4)
 
 
-def test_choice_loglikelihoods_on_peft_and_moe(tiny_mixtral, tokenizer, full_sequence_loglik):
+@pytest.mark.parametrize("spec", ["tiny-llama", "tiny-qwen2", "tiny-gemma3"])
+@pytest.mark.parametrize("packed", [True, False])
+def test_choice_loglikelihoods_equal_full_forward(spec, packed, full_sequence_loglik):
+    """Both routes (packed 4D mask, KV cache), uneven prompts and choices, batches of 3 and 1."""
+    model, tokenizer = load_model(spec)
+    prompts, choices = _choice_fixture(tokenizer)
+    _assert_matches_full_forward(model, prompts, choices, full_sequence_loglik, packed=packed, batch_size=3)
+    _assert_matches_full_forward(
+        model, prompts[:1], choices[:1], full_sequence_loglik, packed=packed, batch_size=1
+    )
+
+
+def test_packed_route_with_eager_attention(full_sequence_loglik):
+    """The eager implementation adds the 4D mask to the scores (sdpa takes it as attn_mask)."""
+    model, tokenizer = load_model("tiny-gemma3")
+    model.set_attn_implementation("eager")
+    assert model.config._attn_implementation == "eager"
+    prompts, choices = _choice_fixture(tokenizer)
+    _assert_matches_full_forward(model, prompts, choices, full_sequence_loglik, packed=True)
+
+
+def test_rows_longer_than_a_sliding_window_take_the_cache_route(full_sequence_loglik):
+    from forgetless.evaluation.inference import _packed_attention_ok
+
+    model, tokenizer = load_model("tiny-gemma3")  # sliding window of 64 tokens
+    prompts, choices = _choice_fixture(tokenizer, long_prompt_words=40)
+    assert len(prompts[0]) > 64
+    assert not _packed_attention_ok(model, len(prompts[0])) and _packed_attention_ok(model, 64)
+    _assert_matches_full_forward(model, prompts, choices, full_sequence_loglik, batch_size=3)
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_choice_loglikelihoods_on_peft_and_moe(tiny_mixtral, tokenizer, full_sequence_loglik, packed):
     peft = pytest.importorskip("peft")
     model, _ = load_model("tiny-llama")
     lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
     peft_model = peft.get_peft_model(model, lora).eval()
-    prompts = _prompts(tokenizer)
-    choices = [[tokenizer(" one").input_ids, tokenizer(" two three").input_ids]] * len(prompts)
+    prompts, choices = _choice_fixture(tokenizer)
     for candidate in (peft_model, tiny_mixtral):
-        got = choice_loglikelihoods(candidate, prompts, choices, pad_id=tokenizer.pad_token_id)
-        expected = [[full_sequence_loglik(candidate, p, c) for c in cs] for p, cs in zip(prompts, choices)]
-        for row_got, row_expected in zip(got, expected):
-            assert row_got == pytest.approx(row_expected, abs=1e-4)
+        _assert_matches_full_forward(candidate, prompts, choices, full_sequence_loglik, packed=packed)
 
 
 def test_forgetless_adapters_evaluate_like_a_plain_forward(tokenizer, full_sequence_loglik):
@@ -110,12 +140,9 @@ def test_forgetless_adapters_evaluate_like_a_plain_forward(tokenizer, full_seque
         for parameter in adapters.trainable_parameters(model):
             parameter.normal_(0, 0.05)
     model.eval()
-    prompts = _prompts(tokenizer)
-    choices = [[tokenizer(" one").input_ids, tokenizer(" two three").input_ids]] * len(prompts)
-    got = choice_loglikelihoods(model, prompts, choices, pad_id=tokenizer.pad_token_id)
-    expected = [[full_sequence_loglik(model, p, c) for c in cs] for p, cs in zip(prompts, choices)]
-    for row_got, row_expected in zip(got, expected):
-        assert row_got == pytest.approx(row_expected, abs=1e-4)
+    prompts, choices = _choice_fixture(tokenizer)
+    for packed in (True, False):
+        _assert_matches_full_forward(model, prompts, choices, full_sequence_loglik, packed=packed)
     generated = generate_greedy(
         model, prompts, _decode(tokenizer), max_new_tokens=5, pad_id=tokenizer.pad_token_id
     )

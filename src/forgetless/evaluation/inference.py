@@ -143,6 +143,149 @@ def generate_greedy(
     return results  # type: ignore[return-value]
 
 
+def _packed_attention_ok(model: nn.Module, longest_row: int) -> bool:
+    """Whether the model takes a custom 4D attention mask for rows of this length.
+
+    transformers models pass a 4D mask through unchanged with the ``sdpa`` and ``eager`` attention
+    implementations; flash attention cannot take one, and a sliding-window layer would need the
+    window folded into the mask, so rows longer than the window use the KV-cache route instead.
+    """
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = getattr(inner, "config", None)
+    if config is None or getattr(config, "_attn_implementation", None) not in ("sdpa", "eager"):
+        return False
+    window = getattr(config, "sliding_window", None)
+    return window is None or longest_row <= window
+
+
+def _model_dtype(model: nn.Module) -> torch.dtype:
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
+@torch.no_grad()
+def _packed_batch(
+    model: nn.Module,
+    prompts: list[Sequence[int]],
+    choices: list[Sequence[Sequence[int]]],
+    pad_id: int,
+    keep_logits: bool,
+) -> list[list[float]]:
+    """One pass per batch: each row is a prompt followed by all its choices, and a 4D mask lets each
+    choice see the prompt and itself only (positions restart after the prompt for every choice).
+
+    Row layout (left-padded to T): [pad .. pad | prompt (P) | choice 1 (L1 - 1) | choice 2 (L2 - 1) ...].
+    A choice's last token is not fed: it is scored from the position before it and predicts
+    nothing we need. Segment ids: -1 pad, 0 prompt, k for choice k. Query i may attend key j when
+    j <= i, both are real tokens, and key j is in the prompt or in the query's own choice.
+    """
+    device = model_device(model)
+    rows, segments, positions, tails = [], [], [], []
+    for prompt, options in zip(prompts, choices):
+        row, segment, position = list(prompt), [0] * len(prompt), list(range(len(prompt)))
+        for k, option in enumerate(options, start=1):
+            fed = list(option)[:-1]
+            row += fed
+            segment += [k] * len(fed)
+            position += range(len(prompt), len(prompt) + len(fed))
+        rows.append(row)
+        segments.append(segment)
+        positions.append(position)
+        tails.append(len(row) - len(prompt))  # fed choice tokens after the prompt
+    width = max(len(row) for row in rows)
+    pad = [width - len(row) for row in rows]
+    input_ids = torch.tensor([[pad_id] * n + row for n, row in zip(pad, rows)], device=device)
+    segment_ids = torch.tensor([[-1] * n + seg for n, seg in zip(pad, segments)], device=device)
+    position_ids = torch.tensor([[0] * n + pos for n, pos in zip(pad, positions)], device=device)
+
+    query, key = segment_ids[:, :, None], segment_ids[:, None, :]
+    causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()
+    allowed = causal & (query >= 0) & (key >= 0) & ((key == 0) | (key == query))
+    # a padding query sees only itself, so that no softmax row is empty (its output is never read)
+    allowed |= torch.eye(width, dtype=torch.bool, device=device) & (query < 0)
+    dtype = _model_dtype(model)
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(
+        ~allowed, torch.finfo(dtype).min
+    )
+
+    keep = max(tails) + 1  # the last prompt token predicts every choice's first token
+    extra = {"logits_to_keep": keep} if keep_logits else {}
+    logits = model(
+        input_ids=input_ids, attention_mask=mask[:, None], position_ids=position_ids, **extra
+    ).logits
+    offset = width - logits.shape[1]  # column of logits[:, 0]
+
+    batch_rows, columns, targets, owners = [], [], [], []
+    for b, options in enumerate(choices):
+        prompt_end = width - tails[b] - 1  # column of the prompt's last token
+        start = prompt_end + 1
+        for k, option in enumerate(options):
+            for t, token in enumerate(option):
+                batch_rows.append(b)
+                columns.append((prompt_end if t == 0 else start + t - 1) - offset)
+                targets.append(token)
+                owners.append((b, k))
+            start += max(len(option) - 1, 0)
+    results = [[0.0] * len(options) for options in choices]
+    if batch_rows:
+        picked = logits[torch.tensor(batch_rows, device=device), torch.tensor(columns, device=device)].float()
+        token_logprobs = picked.gather(1, torch.tensor(targets, device=device)[:, None]).squeeze(1)
+        token_logprobs = token_logprobs - picked.logsumexp(-1)
+        for (b, k), value in zip(owners, token_logprobs.tolist()):
+            results[b][k] += value
+    return results
+
+
+@torch.no_grad()
+def _cached_batch(
+    model: nn.Module,
+    prompts: list[Sequence[int]],
+    choices: list[Sequence[Sequence[int]]],
+    pad_id: int,
+    keep_logits: bool,
+) -> list[list[float]]:
+    """Two passes: the left-padded prompts fill a KV cache (and give every choice's first token),
+    then the cache rows are repeated per choice and all choices run through it right-padded."""
+    device = model_device(model)
+    input_ids, prompt_mask = _left_pad(prompts, pad_id, device)
+    positions = _positions(prompt_mask)
+    extra = {"logits_to_keep": 1} if keep_logits else {}
+    output = model(input_ids=input_ids, attention_mask=prompt_mask, position_ids=positions,
+                   use_cache=True, **extra)  # fmt: skip
+    first_logprobs = torch.log_softmax(output.logits[:, -1].float(), dim=-1)  # (Q, V)
+    cache = output.past_key_values
+
+    question_of_row = [q for q, options in enumerate(choices) for _ in options]
+    rows = [list(option) for options in choices for option in options]
+    results: list[list[float]] = [[] for _ in prompts]
+    if not rows:
+        return results
+    longest = max(1, max(len(row) for row in rows))
+    continuation = torch.full((len(rows), longest), pad_id, dtype=torch.long)
+    continuation_mask = torch.zeros((len(rows), longest), dtype=torch.long)
+    for r, row in enumerate(rows):
+        if row:
+            continuation[r, : len(row)] = torch.tensor(row, dtype=torch.long)
+            continuation_mask[r, : len(row)] = 1
+    continuation, continuation_mask = continuation.to(device), continuation_mask.to(device)
+    row_question = torch.tensor(question_of_row, device=device)
+
+    first = first_logprobs[row_question].gather(1, continuation[:, :1]).squeeze(1)  # (R,)
+    totals = first * continuation_mask[:, 0]
+    if longest > 1:
+        cache.reorder_cache(row_question)
+        attention_mask = torch.cat([prompt_mask[row_question], continuation_mask], dim=1)
+        choice_positions = positions[row_question, -1:] + 1 + torch.arange(longest, device=device)
+        # only the first longest-1 tokens need a forward: the last token predicts nothing we score
+        output = model(input_ids=continuation[:, :-1], attention_mask=attention_mask[:, :-1],
+                       position_ids=choice_positions[:, :-1], past_key_values=cache, use_cache=True)  # fmt: skip
+        logits = output.logits.float()  # (R, longest-1, V)
+        token_logprobs = logits.gather(2, continuation[:, 1:, None]).squeeze(2) - logits.logsumexp(-1)
+        totals = totals + (token_logprobs * continuation_mask[:, 1:]).sum(1)
+    for r, q in enumerate(question_of_row):
+        results[q].append(float(totals[r]))
+    return results
+
+
 @torch.no_grad()
 def choice_loglikelihoods(
     model: nn.Module,
@@ -151,65 +294,42 @@ def choice_loglikelihoods(
     *,
     pad_id: int,
     batch_size: int = 16,
+    packed: bool | None = None,
 ) -> list[list[float]]:
     """Summed log-probability of each choice's tokens as the continuation of its prompt.
 
-    Each prompt is encoded once: a first pass over the (left-padded) prompts fills the KV cache and
-    gives the distribution of every choice's first token; the cache rows are then repeated per
-    choice and all choices of the batch's questions go through one second pass (right-padded).
+    Each prompt is encoded once, never once per choice. The default route packs a question's
+    prompt and all its choices into one row with a 4D attention mask (one forward pass, no
+    padding between choices, no copied cache). Models that cannot take such a mask (flash
+    attention, rows longer than a sliding window, modules without a transformers config) take the
+    KV-cache route: prompts first, then all choices from the repeated cache. Both equal one
+    unbatched forward per choice (tested).
 
     Args:
         model: causal LM in eval mode.
         prompts: token ids per question (special tokens included), Q lists.
         choices: per question, the token ids of each choice as it continues the prompt.
         pad_id: padding id (masked out).
-        batch_size: questions per pass (the second pass holds their choices, e.g. 4x as many rows).
+        batch_size: questions per forward pass.
+        packed: force the packed (True) or the KV-cache (False) route; None picks per batch.
 
     Returns:
         Per question, one log-likelihood per choice (0.0 for a choice with no tokens).
     """
     if len(prompts) != len(choices):
         raise ValueError(f"{len(prompts)} prompts but {len(choices)} choice lists")
-    device = model_device(model)
-    keep_last = {"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}
+    if any(len(prompt) == 0 for prompt in prompts):
+        raise ValueError("every prompt needs at least one token (its last token predicts the choices)")
+    keep_logits = _accepts_logits_to_keep(model)
+    sizes = [len(p) + sum(len(c) for c in options) for p, options in zip(prompts, choices)]
     results: list[list[float]] = [[] for _ in prompts]
-    for batch in _length_order([len(p) for p in prompts], batch_size):
-        input_ids, prompt_mask = _left_pad([prompts[i] for i in batch], pad_id, device)
-        positions = _positions(prompt_mask)
-        output = model(input_ids=input_ids, attention_mask=prompt_mask, position_ids=positions,
-                       use_cache=True, **keep_last)  # fmt: skip
-        first_logprobs = torch.log_softmax(output.logits[:, -1].float(), dim=-1)  # (Q, V)
-        cache = output.past_key_values
-
-        question_of_row = [q for q, index in enumerate(batch) for _ in choices[index]]
-        rows = [list(choice) for index in batch for choice in choices[index]]
-        if not rows:
-            continue
-        longest = max(1, max(len(row) for row in rows))
-        continuation = torch.full((len(rows), longest), pad_id, dtype=torch.long)
-        continuation_mask = torch.zeros((len(rows), longest), dtype=torch.long)
-        for r, row in enumerate(rows):
-            if row:
-                continuation[r, : len(row)] = torch.tensor(row, dtype=torch.long)
-                continuation_mask[r, : len(row)] = 1
-        continuation, continuation_mask = continuation.to(device), continuation_mask.to(device)
-        row_question = torch.tensor(question_of_row, device=device)
-
-        # first token of every choice: read from the prompt pass
-        first = first_logprobs[row_question].gather(1, continuation[:, :1]).squeeze(1)  # (R,)
-        totals = first * continuation_mask[:, 0]
-        if longest > 1:
-            cache.reorder_cache(row_question)
-            attention_mask = torch.cat([prompt_mask[row_question], continuation_mask], dim=1)
-            start = positions[row_question, -1:] + 1
-            choice_positions = start + torch.arange(longest, device=device)
-            # only the first longest-1 tokens need a forward: the last token predicts nothing we score
-            output = model(input_ids=continuation[:, :-1], attention_mask=attention_mask[:, :-1],
-                           position_ids=choice_positions[:, :-1], past_key_values=cache, use_cache=True)  # fmt: skip
-            logits = output.logits.float()  # (R, longest-1, V)
-            targets = continuation[:, 1:]
-            token_logprobs = logits.gather(2, targets[..., None]).squeeze(2) - logits.logsumexp(-1)
-            totals = totals + (token_logprobs * continuation_mask[:, 1:]).sum(1)
-        for r, q in enumerate(question_of_row):
-            results[batch[q]].append(float(totals[r]))
+    for batch in _length_order(sizes, batch_size):
+        batch_prompts = [prompts[i] for i in batch]
+        batch_choices = [choices[i] for i in batch]
+        use_packed = (
+            packed if packed is not None else _packed_attention_ok(model, max(sizes[i] for i in batch))
+        )
+        route = _packed_batch if use_packed else _cached_batch
+        for index, scores in zip(batch, route(model, batch_prompts, batch_choices, pad_id, keep_logits)):
+            results[index] = scores
     return results

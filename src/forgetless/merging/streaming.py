@@ -234,12 +234,12 @@ class ShardedWriter:
             start += _nbytes(dtype, shape)
         self.total_size += offset
 
-    def write(self, name: str, tensor: Tensor) -> None:
-        """Write ``tensor`` (cast to the planned dtype) at its place; each name exactly once."""
+    def write(self, name: str, tensor: Tensor, replace: bool = False) -> None:
+        """Write ``tensor`` (cast to the planned dtype) at its place; each name once unless ``replace``."""
         path, start, dtype, shape = self.locations[name]
         if tuple(tensor.shape) != shape:
             raise ValueError(f"{name}: planned shape {shape}, got {tuple(tensor.shape)}")
-        if name in self.written:
+        if name in self.written and not replace:
             raise ValueError(f"{name} written twice")
         data = tensor.detach().to(dtype).contiguous().reshape(-1).view(torch.uint8).numpy()
         with open(path, "r+b") as handle:

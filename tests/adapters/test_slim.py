@@ -239,3 +239,23 @@ def test_moe_lora_preset_has_no_identity_yielding_or_masking():
     assert (slim.num_experts, slim.num_identity_experts, slim.top_k) == (8, 2, 2) and slim.uses_clustering
     with pytest.raises(InputError, match="top_k: 5 is more than the 4 experts"):
         AdapterConfig.slim(num_experts=2, num_identity_experts=2, top_k=5)
+
+
+def test_sparse_and_dense_expert_paths_agree_with_gradients():
+    """Many tokens run each expert on its routed tokens only; few tokens one dense product."""
+    model = torch.nn.Sequential()
+    model.add_module("proj", torch.nn.Linear(24, 40))
+    inject_adapters(model, AdapterConfig.slim(r=4, target_modules=["proj"], num_experts=5, top_k=3))
+    randomize_adapters(model, scale=1.0)
+    layer = model.proj
+    x = torch.randn(100, 24, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    weights, _, chosen, _ = layer.route(x, None)
+    a, b, scales = layer.expert_factors()
+    dense = layer._experts_dense(x, weights, a, b, scales)
+    sparse = layer._experts_sparse(x, weights, chosen, a, b, scales)
+    torch.testing.assert_close(sparse, dense, rtol=1e-5, atol=1e-4)
+    inputs = [layer.lora_A, layer.lora_B, layer.router, x]
+    dense_grads = torch.autograd.grad(dense.square().sum(), inputs, retain_graph=True)
+    sparse_grads = torch.autograd.grad(sparse.square().sum(), inputs)
+    for name, d, s in zip(["A", "B", "router", "x"], dense_grads, sparse_grads):
+        assert (s - d).abs().max() <= 1e-5 * d.abs().max(), name  # equal up to float32 summation order

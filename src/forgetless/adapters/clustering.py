@@ -19,6 +19,7 @@ in-domain statistics of ``r(x) = d(x) + 1`` (always positive):
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -26,6 +27,20 @@ from torch import Tensor, nn
 # Channels whose in-domain variance is ~0 would turn rounding noise into huge |z|; floor each
 # centre's variance at this fraction of its mean channel variance (sigma floor ~10% of the rms sigma).
 _VARIANCE_FLOOR = 1e-2
+
+
+@dataclass(frozen=True)
+class ClusterConstants:
+    """Derived from the cluster state: inverse floored variances (N_c, d), their square roots,
+    ``-2 mu / var`` (N_c, d), ``sum mu^2 / var`` (N_c,), and the calibration's affine map."""
+
+    inverse: Tensor
+    inverse_sigma: Tensor
+    cross: Tensor
+    offset: Tensor
+    calibration_scale: float
+    calibration_offset: float
+    version: tuple  # the buffer versions these were derived from
 
 
 class SlidingClusters(nn.Module):
@@ -63,21 +78,60 @@ class SlidingClusters(nn.Module):
         # running mean and mean square of r(x) = d(x) + 1 over in-domain (training) tokens
         self.register_buffer("reference_mean", torch.ones(()))
         self.register_buffer("reference_square", torch.ones(()))
+        self._constants: tuple[tuple, ClusterConstants] | None = None
 
     # ---- step 2: assignment and sliding update --------------------------------------------------
 
-    def _floored_variances(self) -> Tensor:
-        floor = self.variances.mean(dim=1, keepdim=True) * _VARIANCE_FLOOR
-        return torch.maximum(self.variances, floor).clamp_min(1e-12)
+    def constants(self) -> ClusterConstants:
+        """Tensors derived from the state, used by every distance computation.
 
-    def nearest(self, x: Tensor) -> Tensor:
+        Rebuilt whenever the buffers changed (in-place updates bump their versions), so at
+        inference they are computed once rather than for every token.
+        """
+        key = (
+            self.centres._version,
+            self.variances._version,
+            self.reference_mean._version,
+            self.reference_square._version,
+            self.centres.data_ptr(),
+        )
+        if self._constants is None or self._constants[0] != key:
+            self._constants = (key, self._build_constants(key))
+        return self._constants[1]
+
+    def _build_constants(self, version: tuple) -> ClusterConstants:
+        floor = self.variances.mean(dim=1, keepdim=True) * _VARIANCE_FLOOR
+        inverse = torch.maximum(self.variances, floor).clamp_min(1e-12).reciprocal()  # (N_c, d)
+        # calibration as one affine map of r(x): calibrated = r * scale + offset
+        reference = float(self.reference_mean.clamp_min(1e-6))
+        if self.calibration == "none":
+            scale, offset = 1.0, -1.0
+        elif self.calibration == "ratio":
+            scale, offset = 1.0 / reference, -1.0
+        else:
+            spread = float((self.reference_square - self.reference_mean**2).clamp_min(1e-12).sqrt())
+            scale, offset = 1.0 / spread, -reference / spread
+        return ClusterConstants(
+            inverse=inverse,
+            inverse_sigma=inverse.sqrt(),
+            cross=-2 * self.centres * inverse,
+            offset=(self.centres * self.centres * inverse).sum(dim=1),
+            calibration_scale=scale,
+            calibration_offset=offset,
+            version=version,
+        )
+
+    def nearest(self, x: Tensor, cross_term: Tensor | None = None) -> Tensor:
         """Index of the nearest centre for each token. x: (T, d) -> (T,) long.
 
-        ``sum_c (x_c - mu_kc)^2 / var_kc`` expanded into three matmuls, so no (T, N_c, d) tensor.
+        ``sum_c (x_c - mu_kc)^2 / var_kc = (x^2) inv^T - 2 x (mu inv)^T + sum mu^2 inv``: matmuls,
+        no (T, N_c, d) tensor. ``cross_term`` is ``x @ cross^T`` when the caller computed it
+        already (fused with the router's matmul).
         """
-        inverse = self._floored_variances().reciprocal()  # (N_c, d)
-        scores = (x * x) @ inverse.T - 2 * x @ (self.centres * inverse).T
-        scores = scores + (self.centres * self.centres * inverse).sum(dim=1)
+        constants = self.constants()
+        if cross_term is None:
+            cross_term = x @ constants.cross.T
+        scores = torch.addmm(constants.offset, x * x, constants.inverse.T) + cross_term
         return scores.argmin(dim=1)
 
     @torch.no_grad()
@@ -119,8 +173,7 @@ class SlidingClusters(nn.Module):
 
     def raw_distance(self, x: Tensor, assignment: Tensor) -> Tensor:
         """``r(x) = reduce_c |x_c - mu_{k*,c}| / sigma_{k*,c}`` (= d(x) + 1). x: (T, d) -> (T,)."""
-        sigma = self._floored_variances().sqrt()
-        z = (x - self.centres[assignment]).abs() / sigma[assignment]
+        z = ((x - self.centres[assignment]) * self.constants().inverse_sigma[assignment]).abs()
         if self.reduction == "max":
             return z.amax(dim=1)
         if self.reduction == "mean":
@@ -143,22 +196,21 @@ class SlidingClusters(nn.Module):
 
     def calibrate(self, raw: Tensor) -> Tensor:
         """The signal that shifts identity logits: (T,) raw distances -> (T,) calibrated."""
-        if self.calibration == "none":
-            return raw - 1
-        reference = self.reference_mean.clamp_min(1e-6)
-        if self.calibration == "ratio":
-            return (raw - reference) / reference
-        spread = (self.reference_square - self.reference_mean**2).clamp_min(1e-12).sqrt()
-        return (raw - reference) / spread
+        constants = self.constants()
+        return raw * constants.calibration_scale + constants.calibration_offset
 
     @torch.no_grad()
-    def forward(self, x: Tensor, token_mask: Tensor | None, learn: bool) -> tuple[Tensor, Tensor]:
+    def forward(
+        self, x: Tensor, token_mask: Tensor | None, learn: bool, cross_term: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
         """Distance of every token, learning the clusters first when ``learn`` (train mode).
 
         Args:
             x: (T, d) tokens (detached; computed in the buffers' dtype).
             token_mask: (T,) bool, False for padding (excluded from learning), or None.
             learn: update centres, variances and the reference (train mode only).
+            cross_term: ``x @ constants().cross.T`` if already computed (ignored when learning
+                initialises the centres, which changes it).
 
         Returns:
             (calibrated (T,), raw r(x) (T,)): the calibrated signal uses the state before this
@@ -169,7 +221,8 @@ class SlidingClusters(nn.Module):
         first = learn and not bool(self.initialised) and learning_tokens.shape[0] > 0
         if first:
             self.initialise(learning_tokens)
-        assignment = self.nearest(x)
+            cross_term = None
+        assignment = self.nearest(x, cross_term)
         raw = self.raw_distance(x, assignment)
         if not (learn and learning_tokens.shape[0] > 0):
             return self.calibrate(raw), raw

@@ -30,6 +30,10 @@ from forgetless.adapters.clustering import SlidingClusters
 from forgetless.adapters.config import AdapterConfig
 from forgetless.adapters.masking import masked_experts, structured_dare_masks
 
+# From this many tokens on, experts run only on their routed tokens (K / E_l of the dense
+# work); below it, one dense product over all experts costs fewer operator calls.
+_SPARSE_MIN_TOKENS = 64
+
 
 class MixtureLinear(AdapterLayer):
     """A frozen ``nn.Linear`` plus ``E_l`` routed LoRA experts and ``E_id`` identity experts.
@@ -83,13 +87,18 @@ class MixtureLinear(AdapterLayer):
             if config.uses_clustering
             else None
         )
+        # 0 for LoRA experts, 1 for identity experts: where the yielding shift is added
+        identity_columns = torch.zeros(config.num_total_experts, dtype=dtype, device=device)
+        identity_columns[config.num_experts :] = 1.0
+        self.register_buffer("identity_columns", identity_columns, persistent=False)
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         self.mask_seed = config.seed * 1_000_003 + layer_index
         self._training_masks = torch.Generator().manual_seed(
             self.mask_seed
         )  # fresh masks every training step
         self._eval_masks: tuple[Tensor, Tensor, float] | None = None
-        self._eval_factors: tuple[tuple, tuple[Tensor, Tensor, float]] | None = None
+        self._eval_factors: tuple[tuple, tuple[Tensor, Tensor, Tensor]] | None = None
+        self._eval_router: tuple[tuple, Tensor] | None = None
         self._balance: Tensor | None = None
         # set by routing_diagnostics: called with this layer's routing of every forward
         self.recorder: Callable[..., None] | None = None
@@ -104,6 +113,16 @@ class MixtureLinear(AdapterLayer):
 
     # ---- 2-4. clustering, distance, weight yielding, top-K --------------------------------------
 
+    def _router_and_cross(self) -> Tensor:
+        """``[W_g; -2 mu / var]`` ((E_l + E_id + N_c) x d_in), cached while neither changes at inference."""
+        constants = self.clusters.constants()
+        if self.training or torch.is_grad_enabled():
+            return torch.cat([self.router, constants.cross])
+        key = (self.router._version, self.router.data_ptr(), constants.version)
+        if self._eval_router is None or self._eval_router[0] != key:
+            self._eval_router = (key, torch.cat([self.router, constants.cross]))
+        return self._eval_router[1]
+
     def route(self, x: Tensor, token_mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
         """Routing weights of every expert for every token.
 
@@ -112,15 +131,30 @@ class MixtureLinear(AdapterLayer):
             logits (T, E_l + E_id) before top-K; chosen (T, K) expert indices; distance (T,) the
             calibrated ``d(x)`` (None without clustering).
         """
-        logits = self.router_logits(x)
         distance = None
-        if self.clusters is not None:
-            distance, _ = self.clusters(x.detach(), token_mask, learn=self.training)
+        if self.clusters is None:
+            logits = self.router_logits(x)
+        else:
+            cross = None
+            if self.config.router_input_norm or x.dtype != self.clusters.centres.dtype:
+                logits = self.router_logits(x)
+            else:
+                # one matmul: the router logits and the clustering's cross term x (-2 mu / var)^T
+                both = x @ self._router_and_cross().T
+                logits, cross = (
+                    both[:, : self.config.num_total_experts],
+                    both[:, self.config.num_total_experts :],
+                )
+                cross = cross.detach()
+            distance, _ = self.clusters(x.detach(), token_mask, learn=self.training, cross_term=cross)
             # Eq. 4: identity experts' logits grow with the distance from the fine-tuning data,
             # so tokens that look out of distribution yield to the base layer.
-            shift = self.config.yield_scale * distance.to(logits.dtype)
-            num_lora = self.config.num_experts
-            logits = torch.cat([logits[:, :num_lora], logits[:, num_lora:] + shift[:, None]], dim=1)
+            logits = torch.addcmul(
+                logits,
+                distance.to(logits.dtype)[:, None],
+                self.identity_columns,
+                value=self.config.yield_scale,
+            )
         top_logits, chosen = logits.topk(self.config.top_k, dim=1)
         weights = torch.zeros_like(logits).scatter(1, chosen, torch.softmax(top_logits, dim=1))
         return weights, logits, chosen, distance
@@ -143,12 +177,12 @@ class MixtureLinear(AdapterLayer):
             )
         return self._eval_masks
 
-    def expert_factors(self) -> tuple[Tensor, Tensor, float]:
+    def expert_factors(self) -> tuple[Tensor, Tensor, Tensor]:
         """Stacked expert factors as used this forward.
 
         Returns:
-            a (E_l r, d_in), b (E_l r, d_out) and the factor ``lambda / f`` (1 without merging):
-            the update of expert e is ``factor * b_e^T a_e`` with the masks of step 6 applied.
+            a (E_l r, d_in), b (E_l r, d_out) and scales (E_l,) = ``s_e lambda / f`` (``s_e``
+            without merging): the update of expert e is ``scale_e b_e^T a_e``, masks of step 6 applied.
         """
         lora_a, lora_b, factor = self.lora_A, self.lora_B, 1.0
         if self._merging_active():
@@ -158,28 +192,29 @@ class MixtureLinear(AdapterLayer):
         experts, rank = self.config.num_experts, self.config.r
         a = lora_a.reshape(experts * rank, self.in_features)
         b = lora_b.transpose(1, 2).reshape(experts * rank, self.out_features)
-        return a, b, factor
+        return a, b, self.expert_scaling * factor
 
-    def _cached_expert_factors(self) -> tuple[Tensor, Tensor, float]:
+    def _cached_expert_factors(self) -> tuple[Tensor, Tensor, Tensor]:
         """At inference without autograd the masked factors are built once, not every token."""
         if self.training or torch.is_grad_enabled():
             return self.expert_factors()
-        key = (self.lora_A._version, self.lora_B._version, self.lora_A.data_ptr(), self.lora_B.data_ptr())
+        parts = (self.lora_A, self.lora_B, self.expert_scaling)
+        key = tuple(t._version for t in parts) + tuple(t.data_ptr() for t in parts)
         if self._eval_factors is None or self._eval_factors[0] != key:
             self._eval_factors = (key, self.expert_factors())
         return self._eval_factors[1]
 
     def train(self, mode: bool = True) -> MixtureLinear:
-        self._eval_factors = None
+        self._eval_factors = self._eval_router = None
         return super().train(mode)
 
     def after_load(self) -> None:
-        self._eval_factors = None
+        self._eval_factors = self._eval_router = None
 
     def __getstate__(self) -> dict:
         # copies and pickles leave out per-forward values (the balance loss is part of a graph)
         state = super().__getstate__()
-        state = dict(state, _balance=None, _eval_factors=None, recorder=None)
+        state = dict(state, _balance=None, _eval_factors=None, _eval_router=None, recorder=None)
         return state
 
     # ---- 5. output --------------------------------------------------------------------------------
@@ -191,18 +226,56 @@ class MixtureLinear(AdapterLayer):
         tokens = x.reshape(-1, self.in_features).to(self.lora_A.dtype)
         token_mask = self.context.token_mask(leading)
         weights, logits, chosen, distance = self.route(tokens, token_mask)
-        num_lora, rank = self.config.num_experts, self.config.r
-        a, b, factor = self._cached_expert_factors()
-        # identity experts add nothing: their weight only takes share away from the LoRA experts
-        lora_weights = weights[:, :num_lora] * (self.expert_scaling * factor)
-        hidden = self.dropout(tokens) @ a.T  # (T, E_l r): every expert's A x in one product
-        hidden = (hidden.view(-1, num_lora, rank) * lora_weights[:, :, None]).view(-1, num_lora * rank)
-        update = hidden @ b  # (T, d_out): the weighted sum of the experts' B (A x)
+        a, b, scales = self._cached_expert_factors()
+        inputs = self.dropout(tokens) if self.config.dropout > 0 else tokens
+        if tokens.shape[0] >= _SPARSE_MIN_TOKENS and self.config.top_k < self.config.num_experts:
+            update = self._experts_sparse(inputs, weights, chosen, a, b, scales)
+        else:
+            update = self._experts_dense(inputs, weights, a, b, scales)
         if self.training and self.config.balance_weight > 0:
             self._balance = self._load_balance(logits, chosen, token_mask)
         if self.recorder is not None:
             self.recorder(self, weights.detach(), chosen, distance, token_mask)
         return result + update.view(*leading, self.out_features).to(result.dtype)
+
+    def _experts_dense(self, inputs: Tensor, weights: Tensor, a: Tensor, b: Tensor, scales: Tensor) -> Tensor:
+        """All experts on all tokens as one rank-(E_l r) product, weighted per token (few tokens:
+        generation). inputs: (T, d_in), weights: (T, E_l + E_id) -> (T, d_out)."""
+        num_lora, rank = self.config.num_experts, self.config.r
+        # identity experts add nothing: their weight only takes share away from the LoRA experts
+        lora_weights = weights[:, :num_lora] * scales
+        hidden = inputs @ a.T  # (T, E_l r): every expert's A x in one product
+        hidden = (hidden.view(-1, num_lora, rank) * lora_weights[:, :, None]).view(-1, num_lora * rank)
+        return hidden @ b  # (T, d_out): the weighted sum of the experts' B (A x)
+
+    def _experts_sparse(
+        self, inputs: Tensor, weights: Tensor, chosen: Tensor, a: Tensor, b: Tensor, scales: Tensor
+    ) -> Tensor:
+        """Each LoRA expert only on the tokens routed to it (many tokens: training, prefill).
+
+        The (token, slot) pairs are sorted by expert so that every expert reads one contiguous
+        slice: one gather in, two matmuls per expert, one scatter-add out; K / E_l of the dense
+        work. inputs: (T, d_in), weights: (T, E_l + E_id), chosen: (T, K) -> (T, d_out).
+        """
+        num_lora, rank, top_k = self.config.num_experts, self.config.r, self.config.top_k
+        flat = chosen.reshape(-1)
+        order = torch.argsort(flat, stable=True)  # identity experts (indices >= E_l) sort last
+        sizes = torch.bincount(flat, minlength=num_lora)[:num_lora].tolist()
+        experts = [e for e in range(num_lora) if sizes[e]]
+        update = inputs.new_zeros(inputs.shape[0], self.out_features)
+        if not experts:  # every token chose identity experts only
+            return update
+        order = order[: sum(sizes)]
+        token_of = torch.div(order, top_k, rounding_mode="floor")
+        expert_of = flat[order]
+        pair_weights = weights.gather(1, chosen).reshape(-1)[order] * scales[expert_of]
+        gathered = inputs.index_select(0, token_of).split(sizes)
+        a_experts = a.view(num_lora, rank, self.in_features)
+        b_experts = b.view(num_lora, rank, self.out_features)
+        hidden = torch.cat([gathered[e] @ a_experts[e].T for e in experts])
+        hidden = (hidden * pair_weights[:, None]).split([sizes[e] for e in experts])
+        outputs = torch.cat([part @ b_experts[e] for e, part in zip(experts, hidden)])
+        return update.index_add_(0, token_of, outputs)
 
     # ---- 7-8. regularisers ----------------------------------------------------------------------
 

@@ -126,7 +126,7 @@ def test_trained_router_learns_gates_and_keeps_experts_frozen(mix_folders, tmp_p
                 {"model": str(variants[1]), "task": "kelvar_dates"},
             ],
             "router": "trained",
-            "top_k": 1,
+            "top_k": 2,
             "router_training": {"steps": 8, "lr": 0.05, "batch_size": 4, "examples_per_expert": 8},
             "prompts_per_expert": 4,
         }
@@ -210,6 +210,7 @@ def test_mixing_errors(mix_folders, tmp_path):
             r"router trained learns from the experts' tasks",
         ),
         (dict(toop_k=1), r"unknown key 'toop_k'. Did you mean 'top_k'\?"),
+        (dict(router="trained", top_k=1), r"with top_k 1 the chosen expert always weighs 1"),
         (
             dict(experts=[{"model": "a", "promts": []}]),
             r"unknown key 'experts.0.promts'. Did you mean 'prompts'\?",

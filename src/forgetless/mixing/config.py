@@ -148,6 +148,11 @@ def check_mix_config(
                     f"{source}: experts.{index}: router hidden needs prompts or a task for every expert; "
                     "add prompts: [...] or task: NAME"
                 )
+    if config.router == "trained" and config.top_k == 1 and total > 1:
+        raise InputError(
+            f"{source}: router trained learns through the softmax over the chosen experts; with top_k 1 the "
+            "chosen expert always weighs 1 and the router gets no gradient. Set top_k >= 2"
+        )
     if config.router == "trained" and not any(has_task):
         raise InputError(
             f"{source}: router trained learns from the experts' tasks; give experts a task: NAME"

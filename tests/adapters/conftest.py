@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
+
+# pytest runs in importlib mode, which puts no test folder on sys.path; the shared helpers
+# (adapter_helpers.py, a name no other folder uses) are imported by name from here.
+sys.path.insert(0, str(Path(__file__).parent))
 
 from forgetless import load_model
 

@@ -259,3 +259,30 @@ def test_sparse_and_dense_expert_paths_agree_with_gradients():
     sparse_grads = torch.autograd.grad(sparse.square().sum(), inputs)
     for name, d, s in zip(["A", "B", "router", "x"], dense_grads, sparse_grads):
         assert (s - d).abs().max() <= 1e-5 * d.abs().max(), name  # equal up to float32 summation order
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        AdapterConfig.slim(r=4, mask_ratio=0.5, merge_scale=0.8),
+        AdapterConfig.slim(
+            r=4, distance_reduction="quantile", distance_calibration="zscore", yield_scale=3.0
+        ),
+        AdapterConfig.slim(r=4, distance_reduction="mean", distance_calibration="none"),
+        AdapterConfig.moe_lora(r=4),
+    ],
+    ids=["slim-masked", "slim-quantile-zscore", "slim-mean-none", "moe_lora"],
+)
+def test_folded_inference_path_equals_the_general_path(batch, config):
+    model, _ = load_model("tiny-llama", seed=0)
+    inject_adapters(model, config)
+    randomize_adapters(model, scale=0.5)
+    model.train()
+    with torch.no_grad():
+        model(**batch)  # learn cluster state
+    model.eval()
+    with torch.enable_grad():  # autograd on: the general path
+        general = model(**batch).logits.detach()
+    with torch.no_grad():  # the folded path (inference.py)
+        folded = model(**batch).logits
+    torch.testing.assert_close(folded, general, atol=1e-5, rtol=1e-5)

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from forgetless.adapters.base import ADAPTER_LAYERS, AdapterLayer, TokenContext
 from forgetless.adapters.clustering import SlidingClusters
 from forgetless.adapters.config import AdapterConfig
+from forgetless.adapters.inference import InferencePlan, build_plan, inference_update
 from forgetless.adapters.masking import masked_experts, structured_dare_masks
 
 # From this many tokens on, experts run only on their routed tokens (K / E_l of the dense
@@ -99,6 +100,7 @@ class MixtureLinear(AdapterLayer):
         self._eval_masks: tuple[Tensor, Tensor, float] | None = None
         self._eval_factors: tuple[tuple, tuple[Tensor, Tensor, Tensor]] | None = None
         self._eval_router: tuple[tuple, Tensor] | None = None
+        self._plan: tuple[tuple, InferencePlan] | None = None
         self._balance: Tensor | None = None
         # set by routing_diagnostics: called with this layer's routing of every forward
         self.recorder: Callable[..., None] | None = None
@@ -199,22 +201,22 @@ class MixtureLinear(AdapterLayer):
         if self.training or torch.is_grad_enabled():
             return self.expert_factors()
         parts = (self.lora_A, self.lora_B, self.expert_scaling)
-        key = tuple(t._version for t in parts) + tuple(t.data_ptr() for t in parts)
+        key = tuple(t._version for t in parts) + tuple(t.data_ptr() for t in parts) + (id(self.config),)
         if self._eval_factors is None or self._eval_factors[0] != key:
             self._eval_factors = (key, self.expert_factors())
         return self._eval_factors[1]
 
     def train(self, mode: bool = True) -> MixtureLinear:
-        self._eval_factors = self._eval_router = None
+        self._eval_factors = self._eval_router = self._plan = None
         return super().train(mode)
 
     def after_load(self) -> None:
-        self._eval_factors = self._eval_router = None
+        self._eval_factors = self._eval_router = self._plan = None
 
     def __getstate__(self) -> dict:
         # copies and pickles leave out per-forward values (the balance loss is part of a graph)
         state = super().__getstate__()
-        state = dict(state, _balance=None, _eval_factors=None, _eval_router=None, recorder=None)
+        state = dict(state, _balance=None, _eval_factors=None, _eval_router=None, _plan=None, recorder=None)
         return state
 
     # ---- 5. output --------------------------------------------------------------------------------
@@ -224,6 +226,9 @@ class MixtureLinear(AdapterLayer):
         result = self.base_layer(x)
         leading = x.shape[:-1]
         tokens = x.reshape(-1, self.in_features).to(self.lora_A.dtype)
+        if self._use_inference_plan(tokens):
+            update = inference_update(self, self._inference_plan(), tokens)
+            return result + update.view(*leading, self.out_features).to(result.dtype)
         token_mask = self.context.token_mask(leading)
         weights, logits, chosen, distance = self.route(tokens, token_mask)
         a, b, scales = self._cached_expert_factors()
@@ -237,6 +242,23 @@ class MixtureLinear(AdapterLayer):
         if self.recorder is not None:
             self.recorder(self, weights.detach(), chosen, distance, token_mask)
         return result + update.view(*leading, self.out_features).to(result.dtype)
+
+    def _use_inference_plan(self, tokens: Tensor) -> bool:
+        """Few tokens at inference without autograd or diagnostics: the folded path (inference.py)."""
+        if self.training or self.recorder is not None or torch.is_grad_enabled():
+            return False
+        if tokens.shape[0] >= _SPARSE_MIN_TOKENS or self.config.router_input_norm:
+            return False
+        return self.clusters is None or tokens.dtype == self.clusters.centres.dtype
+
+    def _inference_plan(self) -> InferencePlan:
+        parts = (self.router, self.lora_A, self.lora_B, self.expert_scaling)
+        key = tuple(t._version for t in parts) + tuple(t.data_ptr() for t in parts) + (id(self.config),)
+        if self.clusters is not None:
+            key += self.clusters.constants().version
+        if self._plan is None or self._plan[0] != key:
+            self._plan = (key, build_plan(self))
+        return self._plan[1]
 
     def _experts_dense(self, inputs: Tensor, weights: Tensor, a: Tensor, b: Tensor, scales: Tensor) -> Tensor:
         """All experts on all tokens as one rank-(E_l r) product, weighted per token (few tokens:

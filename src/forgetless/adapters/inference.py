@@ -1,0 +1,81 @@
+"""The SLIM layer at inference, folded into as few tensor operations as possible.
+
+Generation runs one token at a time, so the cost of a mixture layer is the number of operator
+calls, not their arithmetic. With the weights frozen, SLIM's equations (DESIGN.md steps 1-6) fold:
+
+- one ``addmm`` gives the router logits, the clustering's cross term ``x (-2 mu / var)^T`` plus
+  ``sum mu^2 / var``, and the constant part of the yielding shift (``gamma * offset`` on the
+  identity columns);
+- a second ``addmm`` adds ``x^2 (1 / var)^T``: the standardised distances to every centre;
+- the calibrated distance's slope times ``gamma`` lands on the identity logits in one ``addcmul``;
+- the masked, rescaled experts (dynamic merging) are precomputed once.
+
+``MixtureLinear`` uses this path in eval mode without autograd; the numbers equal its general
+path up to float rounding (tested).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class InferencePlan:
+    """Frozen tensors of one layer. ``weight_t`` (d_in, E_tot [+ N_c]), ``bias`` (E_tot [+ N_c]),
+    ``a_t`` (d_in, E_l r), ``b`` (E_l r, d_out), ``scales`` (E_l,), ``inverse_t`` (d_in, N_c) or
+    None, ``yield_columns`` (E_tot,) or None."""
+
+    weight_t: Tensor
+    bias: Tensor
+    a_t: Tensor
+    b: Tensor
+    scales: Tensor
+    inverse_t: Tensor | None
+    yield_columns: Tensor | None
+
+
+def build_plan(layer: torch.nn.Module) -> InferencePlan:
+    """Fold ``layer`` (a ``MixtureLinear``) for inference; call under ``torch.no_grad()``."""
+    config = layer.config
+    a, b, scales = layer.expert_factors()
+    router = layer.router.detach()
+    num_total = config.num_total_experts
+    if layer.clusters is None:
+        return InferencePlan(
+            router.T.contiguous(), router.new_zeros(num_total), a.T.contiguous(), b, scales, None, None
+        )
+    constants = layer.clusters.constants()
+    gamma = config.yield_scale
+    identity = layer.identity_columns
+    weight = torch.cat([router, constants.cross.to(router.dtype)])
+    # Eq. 4 with d = r * scale + offset: gamma * offset is a constant on the identity logits
+    bias = torch.cat([identity * (gamma * constants.calibration_offset), constants.offset.to(router.dtype)])
+    return InferencePlan(
+        weight_t=weight.T.contiguous(),
+        bias=bias,
+        a_t=a.T.contiguous(),
+        b=b,
+        scales=scales,
+        inverse_t=constants.inverse.T.contiguous().to(router.dtype),
+        yield_columns=identity * (gamma * constants.calibration_scale),
+    )
+
+
+def inference_update(layer: torch.nn.Module, plan: InferencePlan, tokens: Tensor) -> Tensor:
+    """The adapter's contribution ``sum_e w_e s_e B'_e A'_e x``. tokens: (T, d_in) -> (T, d_out)."""
+    config = layer.config
+    num_total, num_lora, rank = config.num_total_experts, config.num_experts, config.r
+    both = torch.addmm(plan.bias, tokens, plan.weight_t)
+    logits = both[:, :num_total]
+    if plan.inverse_t is not None:
+        scores = torch.addmm(both[:, num_total:], tokens * tokens, plan.inverse_t)
+        raw = layer.clusters.raw_distance(tokens, scores.argmin(dim=1))
+        logits = torch.addcmul(logits, raw.unsqueeze(1), plan.yield_columns)
+    top_logits, chosen = logits.topk(config.top_k, dim=1)
+    weights = torch.zeros_like(logits).scatter_(1, chosen, torch.softmax(top_logits, dim=1))
+    lora_weights = weights[:, :num_lora] * plan.scales
+    hidden = (tokens @ plan.a_t).view(-1, num_lora, rank) * lora_weights.unsqueeze(2)
+    return hidden.view(-1, num_lora * rank) @ plan.b

@@ -214,3 +214,13 @@ def test_unknown_model_spec(tmp_path):
     config = validate_merge_config({"merge_method": "average", "models": [{"model": "no-such-model-xyz"}]})
     with pytest.raises(InputError, match="model 'no-such-model-xyz' not found"):
         run_merge(config, tmp_path / "out")
+
+
+def test_configs_built_in_code_are_checked_by_run_merge(tmp_path):
+    from forgetless.merging import MergeConfig
+
+    config = MergeConfig(
+        merge_method="ties", models=[{"model": "a"}], parameters={"density": 2.0}, base_model="b"
+    )
+    with pytest.raises(InputError, match=r"density must be in \(0, 1\]"):
+        run_merge(config, tmp_path / "out")

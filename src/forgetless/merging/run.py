@@ -23,7 +23,7 @@ from torch import Tensor
 from forgetless.errors import InputError
 from forgetless.io import atomic_dir, write_json
 from forgetless.merging.base import MergeMethod
-from forgetless.merging.config import MergeConfig
+from forgetless.merging.config import MergeConfig, check_merge_config
 from forgetless.merging.lora import adapter_config, lora_keys, svd_factorize
 from forgetless.merging.sources import (
     FullModel,
@@ -352,6 +352,7 @@ def run_merge(config: MergeConfig, out_dir: str | Path, overwrite: bool = False)
     method, counts, shards, bytes, seconds, peak RSS and, for ``output: lora`` from dense deltas,
     ``svd_relative_error`` = ``||D - B A||_F / ||D||_F`` over all modules (and its max / mean).
     """
+    check_merge_config(config)  # configs built in code skip load_merge_config's checks
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise InputError(f"{out_dir} already exists; choose another output folder or pass --overwrite")

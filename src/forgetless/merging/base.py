@@ -254,7 +254,8 @@ def sign_consensus_merge(deltas: list[Tensor], weight: Sequence[float], normaliz
     """
     weights = list(weight)
     for delta, w in zip(deltas, weights):
-        delta.mul_(w)
+        if w != 1:  # x * 1 == x: skip a pass over the tensor for the common unit weight
+            delta.mul_(w)
     sign = deltas[0].clone()  # 0 + d_0 is d_0: the same sum as accumulating from zeros
     for delta in deltas[1:]:
         sign.add_(delta)

@@ -139,3 +139,24 @@ def test_real_model_knows_common_sense(default_model):
     model, tokenizer = default_model
     scores = evaluate_tasks(model, tokenizer, ["general_commonsense"], limit=16, batch_size=16)
     assert scores["general_commonsense"].score >= 0.5
+
+
+def test_fit_prompt_keeps_the_end_and_the_bos_token():
+    from forgetless.evaluation.evaluate import fit_prompt
+
+    assert fit_prompt([1, 5, 6, 7, 8], 3, bos_id=1) == [1, 7, 8]
+    assert fit_prompt([5, 6, 7, 8], 3, bos_id=1) == [6, 7, 8]
+    assert fit_prompt([5, 6], 3, bos_id=1) == [5, 6] and fit_prompt([5, 6], None, bos_id=None) == [5, 6]
+
+
+def test_prompts_longer_than_the_context_are_truncated(tiny_llama):
+    """tiny-llama has 1024 positions: a 1500-token prompt still evaluates (its end is kept)."""
+    from forgetless.evaluation.evaluate import context_length
+
+    model, tokenizer = tiny_llama
+    assert context_length(model) == 1024
+    long = " ".join(["word"] * 1500) + " Which word?"
+    mc = Task("long", [], [Example(long, "word", choices=("word", "other"), gold=0)], metric="loglik_mc")
+    assert evaluate_task(model, tokenizer, mc, style="plain").n == 1
+    gen = Task("long_gen", [], [Example(long, "word")], max_new_tokens=3)
+    assert evaluate_task(model, tokenizer, gen, style="plain").n == 1

@@ -75,6 +75,27 @@ def _stop_token_ids(
     return ids
 
 
+def context_length(model: nn.Module) -> int | None:
+    """The model's maximum sequence length (``max_position_embeddings``), if its config says."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = getattr(inner, "config", None)
+    config = getattr(config, "text_config", None) or config
+    return getattr(config, "max_position_embeddings", None)
+
+
+def fit_prompt(ids: list[int], budget: int | None, bos_id: int | None) -> list[int]:
+    """Drop the oldest prompt tokens so that ``len(ids) <= budget`` (the BOS token stays first).
+
+    The end of a prompt holds the question, so it is what must survive (lm-eval truncates the
+    same side); a model never sees positions it was not trained for.
+    """
+    if budget is None or len(ids) <= budget:
+        return ids
+    if bos_id is not None and ids and ids[0] == bos_id:
+        return [bos_id, *ids[len(ids) - budget + 1 :]] if budget > 1 else ids[-budget:]
+    return ids[len(ids) - budget :]
+
+
 def _mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else 0.0
 
@@ -139,9 +160,17 @@ def evaluate_task(
 
 
 def _score_loglik(model, tokenizer, task, formatter, scorer, batch_size) -> TaskScore:  # noqa: ANN001
-    prompts = [formatter.prompt_ids(example.prompt) for example in task.test]
     choices = [
         [formatter.answer_ids(example.prompt, choice) for choice in example.choices] for example in task.test
+    ]
+    limit = context_length(model)
+    prompts = [
+        fit_prompt(
+            formatter.prompt_ids(example.prompt),
+            None if limit is None else limit - max(map(len, options), default=0),
+            tokenizer.bos_token_id,
+        )
+        for example, options in zip(task.test, choices)
     ]
     loglikelihoods = choice_loglikelihoods(
         model, prompts, choices, pad_id=tokenizer.pad_token_id, batch_size=batch_size
@@ -163,7 +192,9 @@ def _score_loglik(model, tokenizer, task, formatter, scorer, batch_size) -> Task
 
 
 def _score_generation(model, tokenizer, task, formatter, scorer, batch_size) -> TaskScore:  # noqa: ANN001
-    prompts = [formatter.prompt_ids(example.prompt) for example in task.test]
+    limit = context_length(model)
+    budget = None if limit is None else limit - task.max_new_tokens
+    prompts = [fit_prompt(formatter.prompt_ids(e.prompt), budget, tokenizer.bos_token_id) for e in task.test]
     generations = generate_greedy(
         model,
         prompts,

@@ -234,3 +234,29 @@ def test_bf16_autocast_trains(tokenizer):
     assert summary.steps == 2 and summary.final_loss == summary.final_loss
     assert all(p.dtype == torch.float32 for p in model.parameters())  # autocast, weights stay fp32
     loop_module.make_accelerator("no")  # switching back in one process works
+
+
+def test_metrics_go_to_tensorboard_when_installed(tokenizer, tmp_path, monkeypatch):
+    """With a SummaryWriter importable, every metrics line is also written as scalars (a stand-in writer)."""
+    import sys
+    import types
+
+    written = []
+
+    class RecordingWriter:
+        def __init__(self, log_dir, purge_step=None):
+            written.append(("open", log_dir, purge_step))
+
+        def add_scalar(self, tag, value, step):
+            written.append((tag, step))
+
+        def close(self):
+            written.append(("close",))
+
+    monkeypatch.setitem(
+        sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=RecordingWriter)
+    )
+    train_model(_lora_model(), _encoded(tokenizer), _config(max_steps=2), lr=1e-2, pad_id=0, folder=tmp_path)
+    assert written[0] == ("open", str(tmp_path / "tensorboard"), 1)
+    assert ("train/loss", 1) in written and ("train/loss", 2) in written and ("train/lr", 2) in written
+    assert written[-1] == ("close",)

@@ -9,7 +9,7 @@ import torch
 from training_helpers import make_task
 
 from forgetless.errors import InputError
-from forgetless.training import TrainConfig, load_stage, run_strategy
+from forgetless.training import TrainConfig, load_stage, results_table, run_strategy
 from forgetless.training import loop as loop_module
 from forgetless.training import runner as runner_module
 
@@ -59,6 +59,11 @@ def test_finished_stages_are_not_trained_again(tasks, config, tmp_path, monkeypa
         on_stage_end=lambda i, m, t: again.append(_probe(m, t)),
     )
     assert [r.cached for r in cached] == [True, True]
+    rows = results_table(cached)
+    assert [(row["stage"], row["task"], row["steps"], row["cached"]) for row in rows] == [
+        (0, "alpha", 3, True),
+        (1, "beta", 3, True),
+    ]
     assert [r.summary for r in cached] == [r.summary for r in results]
     assert all(torch.equal(a, b) for a, b in zip(first, again))
 

@@ -101,3 +101,15 @@ def test_fallback_without_logits_to_keep_gives_same_loss(tokenizer, monkeypatch)
         monkeypatch.setattr(loss_module, "supports_logits_mask", lambda model: False)
         slow = answer_loss(model, batch)
     assert torch.allclose(fast, slow, atol=1e-6)
+
+
+@pytest.mark.real_model
+def test_real_model_gathered_loss_equals_transformers_loss(default_model):
+    """SmolLM2-135M-Instruct, its chat template and 49k vocabulary: same loss, LM head on answers only."""
+    model, tokenizer = default_model
+    batch = _batch(tokenizer)
+    with torch.no_grad():
+        ours = answer_loss(model, batch)
+        hf = model(**batch).loss
+    assert torch.allclose(ours, hf, atol=1e-4)
+    assert 0.0 < ours.item() < 15.0

@@ -158,3 +158,15 @@ def test_train_config_object_and_mapping_agree(tasks, tmp_path):
     )
     ours, theirs = load_stage(by_mapping[0])[0].state_dict(), load_stage(by_object[0])[0].state_dict()
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[key], theirs[key]) for key in ours)
+
+
+def test_seed_also_picks_the_tiny_base_model(tasks, tmp_path):
+    """Tiny test models are built from a seed: the run's seed, as the experiment's base evaluation uses."""
+    from forgetless import load_model
+
+    config = {"max_steps": 1, "batch_size": 4, "progress": False, "seed": 1}
+    results = run_strategy("sequential_lora", {"r": 4}, "tiny-llama", tasks[:1], config, tmp_path)
+    assert json.loads((results[0].folder / "done.json").read_text())["model_seed"] == 1
+    rebuilt, _ = load_stage(results[0])
+    expected = load_model("tiny-llama", seed=1)[0].state_dict()["model.embed_tokens.weight"]
+    assert torch.equal(rebuilt.state_dict()["model.embed_tokens.weight"], expected)

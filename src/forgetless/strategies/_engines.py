@@ -44,25 +44,27 @@ class ModelSource:
     Args:
         spec: anything ``forgetless.load_model`` accepts.
         dtype: weight dtype of the loaded models.
+        seed: weight seed of the tiny random test models (real models ignore it).
     """
 
-    def __init__(self, spec: str, dtype: torch.dtype | str = torch.float32) -> None:
+    def __init__(self, spec: str, dtype: torch.dtype | str = torch.float32, seed: int = 0) -> None:
         from forgetless.models import load_model
 
         self.spec = str(spec)
         self.dtype = dtype
+        self.seed = seed
         self._load_model = load_model
         self._tokenizer = None
 
     @property
     def tokenizer(self):  # -> PreTrainedTokenizerBase
         if self._tokenizer is None:
-            _, self._tokenizer = self._load_model(self.spec, dtype=self.dtype)
+            _, self._tokenizer = self._load_model(self.spec, dtype=self.dtype, seed=self.seed)
         return self._tokenizer
 
     def fresh(self) -> nn.Module:
         """A new copy of the base model (eval mode, nothing frozen)."""
-        model, tokenizer = self._load_model(self.spec, dtype=self.dtype)
+        model, tokenizer = self._load_model(self.spec, dtype=self.dtype, seed=self.seed)
         if self._tokenizer is None:
             self._tokenizer = tokenizer
         return model

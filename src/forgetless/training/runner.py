@@ -181,7 +181,7 @@ def run_strategy(
         if not task.train:
             raise InputError(f"task '{task.name}' has no training examples; give it a train split")
     out_dir = Path(out_dir)
-    source = ModelSource(base_model_spec, dtype)
+    source = ModelSource(base_model_spec, dtype, seed=config.seed)  # the seed only matters for tiny models
     description = strategy.describe()
     lr = config.lr if config.lr is not None else strategy.default_lr
     accelerator = make_accelerator(config.mixed_precision)
@@ -193,7 +193,7 @@ def run_strategy(
         fingerprint = _fingerprint(
             description,
             str(source.spec),
-            config.fingerprint(),
+            config.fingerprint(),  # includes the seed, hence the tiny models' weights
             lr,
             stage,
             data_fingerprints,
@@ -223,6 +223,7 @@ def run_strategy(
                 **description,
                 "produces": strategy.produces,
                 "base_model": source.spec,
+                "model_seed": source.seed,
                 "artifact": strategy.engine.artifact,
                 "previous": [result.folder.name for result in results],
                 "trained_on": counts,
@@ -273,7 +274,7 @@ def load_stage(
         )
     done = read_json(path)
     strategy = make_strategy(done["strategy"], done["params"], source=str(path))
-    source = ModelSource(base_model_spec or done["base_model"], dtype)
+    source = ModelSource(base_model_spec or done["base_model"], dtype, seed=done.get("model_seed", 0))
     stage_folders = [folder.parent / name for name in done["previous"]] + [folder]
     artifacts = []
     for item in stage_folders:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import statistics
 import sys
 import time
@@ -169,8 +170,10 @@ def bench_generation(base, tokenizer, repeats: int, new_tokens: int) -> dict[str
 # ---- 3. identity share after a short training run -------------------------------------------------
 
 
-def _encode_batches(formatter, examples, batch_size: int, with_answers: bool):
-    """Right-padded batches: input_ids, attention_mask and (with answers) answer-only labels."""
+def _encode_batches(formatter, examples, batch_size: int, with_answers: bool, skip_prefix: int = 0):
+    """Right-padded batches: input_ids, attention_mask, (with answers) answer-only labels, and a
+    statistics_mask that leaves out the first ``skip_prefix`` tokens (the chat template's shared
+    system prompt: identical hidden states in every group, so they only dilute a comparison)."""
     batches = []
     for start in range(0, len(examples), batch_size):
         chunk = examples[start : start + batch_size]
@@ -187,6 +190,9 @@ def _encode_batches(formatter, examples, batch_size: int, with_answers: bool):
                     [[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in rows]
                 ),
                 "labels": torch.tensor([labels + [-100] * (width - len(labels)) for _, labels in rows]),
+                "statistics_mask": torch.tensor(
+                    [[i >= skip_prefix and i < len(ids) for i in range(width)] for ids, _ in rows]
+                ),
             }
         )
     return batches
@@ -214,16 +220,28 @@ def _token_auc(in_task: torch.Tensor, general: torch.Tensor) -> float:
     return float((general_ranks - len(general) * (len(general) + 1) / 2) / (len(general) * len(in_task)))
 
 
+def _shared_prefix(formatter) -> int:
+    """Length of the token prefix every prompt shares (system prompt and user header)."""
+    first, second = formatter.prompt_ids("What is 2 plus 2?"), formatter.prompt_ids("Name a red fruit.")
+    length = 0
+    while length < min(len(first), len(second)) and first[length] == second[length]:
+        length += 1
+    return length
+
+
 def _distances(model, batches) -> torch.Tensor:
-    """Per-token calibrated distances averaged over layers, for the non-padding tokens."""
+    """Per-token calibrated distances averaged over layers, for the tokens in statistics_mask."""
     collected: list[list[torch.Tensor]] = []
     layers = adapter_layers(model)
 
     for batch in batches:
         per_layer: list[torch.Tensor] = []
 
-        def record(layer, weights, chosen, distance, mask, sink=per_layer) -> None:
-            sink.append(distance[mask] if mask is not None else distance)
+        def record(
+            layer, weights, chosen, distance, mask, sink=per_layer, keep=batch["statistics_mask"]
+        ) -> None:
+            keep = keep.reshape(-1)
+            sink.append(distance[keep if mask is None else mask & keep])
 
         for layer in layers.values():
             layer.recorder = record
@@ -239,11 +257,12 @@ def measure_identity(base, tokenizer, task_name: str, steps: int, lr: float, see
     task = get_task(task_name, seed=seed)
     formatter = PromptFormatter(tokenizer, system_prompt=task.system_prompt)
     train = _encode_batches(formatter, task.train, 8, with_answers=True)
-    in_task = _encode_batches(formatter, task.test[:48], 16, with_answers=False)
+    prefix = _shared_prefix(formatter)
+    in_task = _encode_batches(formatter, task.test[:48], 16, with_answers=False, skip_prefix=prefix)
     general_examples = []
     for name in suites()["general"]:
         general_examples.extend(get_task(name).test[:12])
-    general = _encode_batches(formatter, general_examples, 16, with_answers=False)
+    general = _encode_batches(formatter, general_examples, 16, with_answers=False, skip_prefix=prefix)
     result: dict[str, float] = {}
     for reduction in REDUCTIONS:
         model = copy.deepcopy(base)
@@ -305,7 +324,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     base, tokenizer = load_model(args.model)
-    results: dict[str, object] = {"model": args.model, "threads": args.threads, "repeats": args.repeats}
+    results: dict[str, object] = {}
+    if args.out.exists() and args.skip:  # a partial run updates the figures it measured
+        results.update(json.loads(args.out.read_text(encoding="utf-8")))
+    results.update({"model": args.model, "threads": args.threads, "repeats": args.repeats})
     if "steps" not in args.skip:
         print("forward+backward, batch 8 x 64 ...", flush=True)
         results.update(bench_steps(base, args.repeats, 8, 64))

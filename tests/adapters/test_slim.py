@@ -286,3 +286,17 @@ def test_folded_inference_path_equals_the_general_path(batch, config):
     with torch.no_grad():  # the folded path (inference.py)
         folded = model(**batch).logits
     torch.testing.assert_close(folded, general, atol=1e-5, rtol=1e-5)
+
+
+def test_diagnostics_count_only_real_and_selected_tokens(tiny, batch):
+    model, _ = tiny
+    inject_adapters(model, AdapterConfig.slim(r=4, num_experts=3, top_k=2))
+    report = routing_diagnostics(model, [batch])
+    assert report["tokens"] == 23  # 2 x 12 tokens, one padded
+    layer = next(iter(report["layers"].values()))
+    assert sum(layer["expert_load"]) == pytest.approx(1.0) and len(layer["expert_load"]) == 5
+    selected = torch.zeros_like(batch["attention_mask"], dtype=torch.bool)
+    selected[:, :3] = True
+    assert routing_diagnostics(model, [dict(batch, statistics_mask=selected)])["tokens"] == 6
+    with pytest.raises(InputError, match="no moe_lora or slim adapters"):
+        routing_diagnostics(load_model("tiny-llama")[0], [batch])

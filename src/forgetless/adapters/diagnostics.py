@@ -31,6 +31,7 @@ class _LayerTally:
         self.identity_only = 0
         self.slots = torch.zeros(num_total, dtype=torch.long)
         self.distances: list[Tensor] = []
+        self.statistics_mask: Tensor | None = None  # (tokens,) bool for the current batch, or None
 
     def __call__(
         self,
@@ -40,6 +41,9 @@ class _LayerTally:
         distance: Tensor | None,
         mask: Tensor | None,
     ) -> None:
+        extra = self.statistics_mask
+        if extra is not None and extra.shape[0] == weights.shape[0]:
+            mask = extra.to(weights.device) if mask is None else mask & extra.to(mask.device)
         if mask is not None:
             weights, chosen = weights[mask], chosen[mask]
             distance = None if distance is None else distance[mask]
@@ -93,7 +97,8 @@ def routing_diagnostics(model: nn.Module, batches: Iterable[Mapping[str, Tensor]
 
     Args:
         batches: token id tensors (B x T) or dicts with ``input_ids`` / ``inputs_embeds`` and
-            optionally ``attention_mask`` (padding is left out of every statistic).
+            optionally ``attention_mask`` (padding is left out of every statistic) and
+            ``statistics_mask`` (B x T, counts only these tokens, e.g. not a shared chat template).
 
     Returns:
         ``{"identity_share", "identity_tokens", "tokens", "layers": {module: {...}}}`` where each
@@ -123,6 +128,11 @@ def routing_diagnostics(model: nn.Module, batches: Iterable[Mapping[str, Tensor]
             layer.recorder = tallies[name]
         with torch.no_grad():
             for batch in batches:
+                statistics_mask = batch.get("statistics_mask") if isinstance(batch, Mapping) else None
+                for tally in tallies.values():
+                    tally.statistics_mask = (
+                        None if statistics_mask is None else statistics_mask.reshape(-1).bool()
+                    )
                 model(**_as_kwargs(batch, device))
     finally:
         for layer in layers.values():

@@ -294,6 +294,18 @@ def reuse_freed_memory() -> Iterator[None]:
         malloc_trim(0)
 
 
+def current_rss_bytes() -> int:
+    """The process's resident set size now (Linux ``/proc``; 0 where unavailable)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 def peak_rss_bytes() -> int:
     """The process's peak resident set size so far (Linux ``ru_maxrss`` is in KiB)."""
     import resource
@@ -307,6 +319,7 @@ __all__ = [
     "ShardedWriter",
     "TensorInfo",
     "parse_size",
+    "current_rss_bytes",
     "peak_rss_bytes",
     "read_header",
     "reuse_freed_memory",

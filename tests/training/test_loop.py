@@ -228,11 +228,16 @@ def test_fp16_on_cpu_is_refused_with_the_fix():
 
 def test_bf16_autocast_trains(tokenizer):
     model = _lora_model()
+    dtypes = set()
+    layer = model.model.layers[0].mlp.down_proj.base_layer
+    handle = layer.register_forward_hook(lambda module, args, output: dtypes.add(output.dtype))
     summary = train_model(
         model, _encoded(tokenizer), _config(max_steps=2, mixed_precision="bf16"), lr=1e-2, pad_id=0
     )
+    handle.remove()
+    assert dtypes == {torch.bfloat16}  # the matmuls ran under bf16 autocast
     assert summary.steps == 2 and summary.final_loss == summary.final_loss
-    assert all(p.dtype == torch.float32 for p in model.parameters())  # autocast, weights stay fp32
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # the weights stay fp32
     loop_module.make_accelerator("no")  # switching back in one process works
 
 

@@ -95,9 +95,8 @@ def mixtral_config(base: FullModel, num_experts: int, top_k: int, dtype: torch.d
     )
     config = MixtralConfig(**fields)
     config.architectures = ["MixtralForCausalLM"]
-    config.dtype = str(dtype or next(iter({base.reader.dtype(n) for n in base.reader.keys()}))).removeprefix(
-        "torch."
-    )
+    stored = base.reader.dtype("model.layers.0.mlp.gate_proj.weight")
+    config.dtype = str(dtype or stored).removeprefix("torch.")
     return config
 
 

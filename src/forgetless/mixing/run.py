@@ -216,6 +216,9 @@ class _Mix:
         model.eval()
         save_adapter(model, folder, base_model=config.base_model, overwrite=True)
         summary["modules"] = len(self.points)
+        # build_lora_moe wraps the modules every adapter adapted; say what the others lose
+        dropped = sorted({name for factors in self.factors for name in factors} - set(self.points))
+        summary["modules_not_in_every_expert"] = dropped
         return summary
 
 

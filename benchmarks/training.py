@@ -5,7 +5,10 @@ epoch over the same 256 tokenised examples of the built-in new-knowledge tasks (
 lr 2e-4, linear schedule with 5 % warm-up, clipping at 1.0, fp32). Runs alternate ours / peer
 (``--repeats`` pairs, the order flipping every pair) with an fp32 2048^2 matmul peak measured
 before each pair; we report medians. Tokens are the real (non-padding) tokens of the 256 examples,
-the same count for both, so tokens/s ratios are wall-time ratios.
+the same count for both, so tokens/s ratios are wall-time ratios. Where our loop is faster: the LM
+head only at answer positions, length-bucketed batches (less padding), and the prompt prefix that
+every example of a micro-batch shares (the chat template's system prompt) computed once
+(``shared_prefix_saved_share``; loss and gradients equal the unshared ones, tests/training/test_loss.py).
 
     python benchmarks/training.py [--out FILE] [--data-dir DIR] [--repeats 3] [--threads 1]
 
@@ -34,12 +37,13 @@ TASKS = ["fictional_facts", "glorp_arithmetic", "kelvar_dates", "zorbian_topics"
 TARGETS = ["gate_proj", "up_proj", "down_proj"]
 RANK, ALPHA, LR, BATCH, WARMUP = 16, 32.0, 2e-4, 8, 0.05
 FLOP_FORMULA = (
-    "per example of n real tokens with a answer-token targets: 2*n*(P_body+P_lora) forward linear "
-    "+ 2*n*(P_body+P_lora) input-gradient backward (frozen and adapter weights) + 2*n*P_lora adapter "
-    "weight gradients + 3*4*L*d_attn*n^2 attention scores and values (forward + 2x backward) + "
-    "2*2*a*d*V LM head at labelled positions only (forward + input-gradient backward); "
-    "P_body = sum of d_in*d_out over the decoder layers' linear layers, P_lora = sum of r*(d_in+d_out) "
-    "over adapted layers; 2 FLOPs per multiply-add; padding not counted; summed over the epoch and "
+    "per micro-batch with t computed tokens (real tokens, padding not counted, the prompt prefix "
+    "shared by all rows counted once) and a answer-token targets: 2*t*(P_body+P_lora) forward linear "
+    "+ 2*t*(P_body+P_lora) input-gradient backward (frozen and adapter weights) + 2*t*P_lora adapter "
+    "weight gradients + 3*4*L*d_attn*(p^2 + sum_rows(n^2 - p^2)) attention scores and values "
+    "(forward + 2x backward; n row length, p shared prefix) + 2*2*a*d*V LM head at labelled positions "
+    "only (forward + input-gradient backward); P_body = sum of d_in*d_out over the decoder layers' "
+    "linear layers, P_lora = sum of r*(d_in+d_out) over adapted layers; 2 FLOPs per multiply-add; "
     "divided by the loop's step seconds (forward, backward, clip, optimizer)"
 )
 
@@ -67,34 +71,45 @@ def matmul_peak(repeats: int = 5, size: int = 2048) -> float:
     return statistics.median(rates)
 
 
-def model_flops(model, encoded) -> float:
-    """Training FLOPs of one epoch over ``encoded`` by FLOP_FORMULA (model with LoRA injected)."""
+def model_flops(model, encoded, batches, pad_id: int, share_prefix: bool) -> tuple[float, int]:
+    """Training FLOPs and computed tokens of ``batches`` by FLOP_FORMULA (model with LoRA injected)."""
     from forgetless.adapters import adapter_layers
+    from forgetless.data import collate
+    from forgetless.training.loss import MIN_SHARED_PREFIX, label_positions, shared_prefix_length
 
     config = model.config
-    layers = model.model.layers
     body = sum(
         module.in_features * module.out_features
-        for module in layers.modules()
+        for module in model.model.layers.modules()
         if isinstance(module, torch.nn.Linear)
     )
     lora = sum(RANK * (layer.in_features + layer.out_features) for layer in adapter_layers(model).values())
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    d_attn = config.num_attention_heads * head_dim
-    total = 0.0
-    for example in encoded:
-        n = len(example)
-        answers = sum(label != -100 for label in example.labels[1:])
-        total += 2 * n * (body + lora) * 2 + 2 * n * lora
-        total += 3 * 4 * config.num_hidden_layers * d_attn * n * n
-        total += 2 * 2 * answers * config.hidden_size * config.vocab_size
-    return total
+    attention = 3 * 4 * config.num_hidden_layers * config.num_attention_heads * head_dim
+    total, computed = 0.0, 0
+    for batch in batches:
+        rows = [encoded[i] for i in batch]
+        collated = collate(rows, pad_id)
+        keep, targets = label_positions(collated["labels"])
+        prefix = (
+            shared_prefix_length(collated["input_ids"], collated["attention_mask"], keep)
+            if share_prefix
+            else 0
+        )
+        prefix = prefix if prefix >= MIN_SHARED_PREFIX else 0
+        tokens = prefix + sum(len(row) - prefix for row in rows)
+        computed += tokens
+        total += 2 * tokens * (body + lora) * 2 + 2 * tokens * lora
+        total += attention * (prefix**2 + sum(len(row) ** 2 - prefix**2 for row in rows))
+        total += 2 * 2 * targets.numel() * config.hidden_size * config.vocab_size
+    return total, computed
 
 
 def run_ours(encoded, tokenizer) -> dict:
     from forgetless import load_model
     from forgetless.adapters import AdapterConfig, inject_adapters
     from forgetless.training import TrainConfig, train_model
+    from forgetless.training.loop import epoch_batches
 
     model, _ = load_model("smollm2-135m-instruct")
     inject_adapters(model, AdapterConfig.lora(r=RANK, alpha=ALPHA, target_modules=TARGETS))
@@ -104,12 +119,15 @@ def run_ours(encoded, tokenizer) -> dict:
     started = time.perf_counter()
     summary = train_model(model, encoded, config, lr=LR, pad_id=tokenizer.pad_token_id)
     wall = time.perf_counter() - started
+    batches = epoch_batches([len(e) for e in encoded], config, epoch=0)
+    flops, computed = model_flops(model, encoded, batches, tokenizer.pad_token_id, config.share_prompt_prefix)
     return {
         "wall_s": wall,
         "step_s": summary.seconds,
         "steps": summary.steps,
         "mean_loss": summary.final_loss,  # one epoch: the mean over every step
-        "flops": model_flops(model, encoded),
+        "flops": flops,
+        "computed_tokens": computed,
     }
 
 
@@ -138,7 +156,8 @@ def interleaved_peak_share(encoded, tokenizer, steps: int) -> dict:
         chunk = [encoded[i] for i in batch]
         summary = train_model(model, chunk, config, lr=LR, pad_id=tokenizer.pad_token_id)
         peaks.append(matmul_peak(repeats=3))
-        rate = model_flops(model, chunk) / summary.seconds
+        flops, _ = model_flops(model, chunk, [list(range(len(chunk)))], tokenizer.pad_token_id, True)
+        rate = flops / summary.seconds
         achieved.append(rate)
         shares.append(rate / ((peaks[-2] + peaks[-1]) / 2))
     return {
@@ -334,6 +353,8 @@ def main() -> None:
         "peer_steps": peer_runs[0]["steps"],
         "examples": len(encoded),
         "real_tokens": real_tokens,
+        "ours_computed_tokens": ours_runs[0]["computed_tokens"],
+        "shared_prefix_saved_share": round(1 - ours_runs[0]["computed_tokens"] / real_tokens, 4),
         "answer_tokens": sum(sum(label != -100 for label in e.labels[1:]) for e in encoded),
         "repeats": args.repeats,
         "threads": args.threads,

@@ -90,7 +90,9 @@ def test_lm_head_sees_only_labelled_positions(tokenizer):
         answer_loss(model, batch)
     handle.remove()
     _, targets = label_positions(batch["labels"])
-    assert rows == [torch.Size([targets.numel(), model.config.hidden_size])]
+    # one call on the labelled positions (plus an empty one for the shared prompt prefix, if any)
+    assert [shape for shape in rows if shape[0]] == [torch.Size([targets.numel(), model.config.hidden_size])]
+    assert all(len(shape) == 2 for shape in rows)
 
 
 def test_fallback_without_logits_to_keep_gives_same_loss(tokenizer, monkeypatch):
@@ -113,3 +115,71 @@ def test_real_model_gathered_loss_equals_transformers_loss(default_model):
         hf = model(**batch).loss
     assert torch.allclose(ours, hf, atol=1e-4)
     assert 0.0 < ours.item() < 15.0
+
+
+def _long_batch(tokenizer, words: int):
+    formatter = PromptFormatter(tokenizer, max_length=512)
+    examples = [
+        Example(
+            prompt="Summarise: " + " ".join(["lorem"] * words) + f" case {index}", answer=f"Case {index} done"
+        )
+        for index in range(3)
+    ]
+    return collate([formatter.encode(example) for example in examples], tokenizer.pad_token_id)
+
+
+@pytest.mark.parametrize(
+    ("alias", "words"),
+    [
+        ("tiny-llama", 5),
+        ("tiny-qwen2", 5),
+        ("tiny-gemma3", 5),
+        ("tiny-gemma3", 80),
+    ],  # 80: past the 64-token window
+)
+def test_shared_prefix_gives_the_same_loss_and_gradients(alias, words, tokenizer):
+    from forgetless.adapters import AdapterConfig, inject_adapters
+
+    model, _ = load_model(alias)
+    inject_adapters(model, AdapterConfig.lora(r=4, alpha=8, seed=0))
+    with torch.no_grad():  # non-zero B so that the adapter shapes the output
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.1, generator=torch.Generator().manual_seed(len(name)))
+    batch = _long_batch(tokenizer, words)
+    results = []
+    for share in (False, True):
+        wrapped = AnswerOnlyLoss(model, share_prefix=share)
+        loss_sum, count = wrapped(batch["input_ids"], batch["attention_mask"], batch["labels"])
+        loss_sum.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        model.zero_grad()
+        results.append((loss_sum.detach(), grads, wrapped.last_prefix))
+    (plain, plain_grads, no_prefix), (shared, shared_grads, prefix) = results
+    assert no_prefix == 0 and prefix >= 24 + words  # system prompt, user turn and the shared words
+    assert torch.allclose(plain, shared, rtol=1e-5)
+    assert plain_grads.keys() == shared_grads.keys() and plain_grads
+    for name in plain_grads:
+        assert torch.allclose(plain_grads[name], shared_grads[name], atol=1e-5, rtol=1e-4), name
+
+
+def test_prefix_is_not_shared_where_it_would_change_the_result(tokenizer):
+    from forgetless.adapters import AdapterConfig, inject_adapters
+    from forgetless.training.loss import can_share_prefix, shared_prefix_length
+
+    model, _ = load_model("tiny-llama")
+    assert can_share_prefix(model)
+    inject_adapters(model, AdapterConfig.slim(r=4, num_experts=2, top_k=1))
+    assert not can_share_prefix(model)  # routed: cluster statistics and balance loss see every token
+    dropout_model, _ = load_model("tiny-llama")
+    inject_adapters(dropout_model, AdapterConfig.lora(r=4, dropout=0.1))
+    assert not can_share_prefix(dropout_model)
+    # the prefix stops before the first position whose logits are needed, and at padding
+    input_ids = torch.tensor([[5, 6, 7, 8, 9], [5, 6, 7, 1, 0]])
+    attention_mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]])
+    keep = torch.zeros(2, 5, dtype=torch.bool)
+    keep[1, 3] = True
+    assert shared_prefix_length(input_ids, attention_mask, keep) == 3
+    keep[0, 1] = True
+    assert shared_prefix_length(input_ids, attention_mask, keep) == 1
+    assert shared_prefix_length(input_ids[:1], attention_mask[:1], keep[:1]) == 0

@@ -63,6 +63,12 @@ class TrainConfig(BaseModel):
     mixed_precision: Literal["no", "bf16", "fp16"] = Field(
         "no", description="autocast precision; fp16 needs a GPU, bf16 works on recent CPUs and GPUs"
     )
+    share_prompt_prefix: bool = Field(
+        True,
+        description="compute the prompt prefix that every example of a micro-batch shares (the chat "
+        "template's system prompt) once; exact for LoRA, DoRA and full fine-tuning, off for routed "
+        "adapters and dropout",
+    )
     progress: bool = Field(True, description="show a progress bar with loss, tokens/s and ETA")
 
     @classmethod

@@ -96,6 +96,11 @@ def _epoch_seed(seed: int, epoch: int) -> int:
     return seed * 1_000_003 + epoch
 
 
+def epoch_batches(lengths: Sequence[int], config: TrainConfig, epoch: int) -> list[list[int]]:
+    """The micro-batches (example indices) of ``epoch``: seeded and length-bucketed."""
+    return length_bucketed_batches(lengths, config.batch_size, seed=_epoch_seed(config.seed, epoch))
+
+
 def _optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
     """AdamW over trainable parameters; biases and norm weights (1-D) get no weight decay."""
     decay, no_decay = [], []
@@ -195,9 +200,7 @@ def train_model(
         epoch, position = divmod(step, steps_per_epoch)
         if epoch not in epoch_cache:
             epoch_cache.clear()
-            epoch_cache[epoch] = length_bucketed_batches(
-                lengths, config.batch_size, seed=_epoch_seed(config.seed, epoch)
-            )
+            epoch_cache[epoch] = epoch_batches(lengths, config, epoch)
         batches = epoch_cache[epoch]
         return batches[position * config.grad_accum : (position + 1) * config.grad_accum]
 
@@ -207,7 +210,7 @@ def train_model(
     if resumed:
         state = load_checkpoint(folder, model, optimizer, fingerprint)
     start_step = state.step
-    wrapped, optimizer = accelerator.prepare(AnswerOnlyLoss(model), optimizer)
+    wrapped, optimizer = accelerator.prepare(AnswerOnlyLoss(model, config.share_prompt_prefix), optimizer)
     if state.scaler and accelerator.scaler is not None:
         accelerator.scaler.load_state_dict(state.scaler)
     trainable = [param for param in model.parameters() if param.requires_grad]

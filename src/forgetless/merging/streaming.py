@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import json
+import mmap
 import os
 import re
 import struct
@@ -45,6 +46,7 @@ DTYPES: dict[str, torch.dtype] = {
 }
 DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 INDEX_NAME = "model.safetensors.index.json"
+_MAP_MIN_BYTES = 1 << 20  # below this a plain read is cheaper than a mapping
 
 
 @dataclass(frozen=True)
@@ -125,16 +127,32 @@ class SafetensorsReader:
         return self.infos[name].dtype
 
     def read(self, name: str) -> Tensor:
-        """The tensor ``name``, freshly allocated (the caller owns it)."""
+        """The tensor ``name``, private to the caller (in-place changes never reach the file).
+
+        Large tensors are mapped copy-on-write, one tensor per mapping: the arithmetic reads the
+        page cache directly instead of first copying every byte, and the mapping is released
+        (its pages leave the process's resident set) as soon as the tensor is garbage, so the
+        resident memory still follows the tensors alive, not the file. Small tensors are read.
+        """
         info = self.infos[name]
-        raw = torch.empty(info.end - info.start, dtype=torch.uint8)
+        size = info.end - info.start
         with open(info.file, "rb") as handle:
-            handle.seek(info.start)
-            got = handle.readinto(memoryview(raw.numpy()))
-        if got != info.end - info.start:
-            raise InputError(f"{info.file}: truncated file while reading {name}; the file is damaged")
-        if info.dtype == torch.bool:
-            return raw.view(torch.bool).reshape(info.shape)
+            if size >= _MAP_MIN_BYTES:
+                aligned = info.start - info.start % mmap.ALLOCATIONGRANULARITY
+                try:
+                    mapped = mmap.mmap(
+                        handle.fileno(), info.end - aligned, access=mmap.ACCESS_COPY, offset=aligned
+                    )
+                except (OSError, ValueError) as error:
+                    raise InputError(
+                        f"{info.file}: cannot read {name} ({error}); the file is damaged"
+                    ) from None
+                raw = torch.frombuffer(mapped, dtype=torch.uint8, offset=info.start - aligned, count=size)
+            else:
+                raw = torch.empty(size, dtype=torch.uint8)
+                handle.seek(info.start)
+                if handle.readinto(memoryview(raw.numpy())) != size:
+                    raise InputError(f"{info.file}: truncated file while reading {name}; the file is damaged")
         return raw.view(info.dtype).reshape(info.shape)
 
     def read_all(self) -> dict[str, Tensor]:

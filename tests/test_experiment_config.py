@@ -43,7 +43,7 @@ def test_unknown_task_and_suite_names():
 
 
 def test_method_needs_exactly_one_kind_and_unique_names():
-    with pytest.raises(InputError, match="needs exactly one of strategy, merge or mix"):
+    with pytest.raises(InputError, match="needs exactly one of strategy, merge, mix or variant"):
         validate_config(config_with(methods=[{"name": "a"}]))
     with pytest.raises(InputError, match="duplicate method name 'a'"):
         validate_config(config_with(methods=[{"name": "a", "strategy": "one_round"}] * 2))
@@ -125,3 +125,53 @@ def test_strategy_params_and_train_settings_checked_before_compute():
         InputError, match="unknown strategy 'sequential_lroa'. Did you mean 'sequential_lora'"
     ):
         validate_config(config_with(methods=[{"name": "x", "strategy": "sequential_lroa"}]))
+
+
+def test_variant_needs_a_routed_strategy_and_inference_settings_only():
+    slim = {"name": "slim", "strategy": "slim", "params": {"r": 2}}
+
+    def variant(**spec):
+        return {"name": "v", "variant": {"of": "slim", "adapter": {"mask_ratio": 0.5}, **spec}}
+
+    config = validate_config(config_with(methods=[slim, variant()]))
+    assert config.methods[1].kind == "variant"
+    with pytest.raises(InputError, match="variant.of: 'slm' is not a strategy method.*Did you mean 'slim'"):
+        validate_config(config_with(methods=[slim, variant(of="slm")]))
+    with pytest.raises(
+        InputError, match="'mask_ratoi' is not an inference-time setting. Did you mean 'mask_ratio'"
+    ):
+        validate_config(config_with(methods=[slim, variant(adapter={"mask_ratoi": 0.5})]))
+    with pytest.raises(InputError, match="'r' is not an inference-time setting"):
+        validate_config(config_with(methods=[slim, variant(adapter={"r": 4})]))
+    lora = {"name": "slim", "strategy": "sequential_lora"}
+    with pytest.raises(InputError, match="trains no moe_lora or slim adapter"):
+        validate_config(config_with(methods=[lora, variant()]))
+    with pytest.raises(InputError, match="mask_ratio: Input should be less than 1"):
+        validate_config(config_with(methods=[slim, variant(adapter={"mask_ratio": 1.5})]))
+    no_yielding = {"name": "slim", "strategy": "slim", "params": {"yield_scale": 0.0}}
+    with pytest.raises(InputError, match="yield_scale > 0 needs sliding clustering"):
+        validate_config(config_with(methods=[no_yielding, variant(adapter={"yield_scale": 1.0})]))
+
+
+def test_general_tasks_may_be_data_files_and_names_are_unique(tmp_path):
+    items = tmp_path / "mc.jsonl"
+    items.write_text('{"query": "Question: 1 + 1?", "choices": ["2", "3"], "gold": 0}\n')
+    spec = {"name": "mc", "test": str(items), "fields": {"prompt": "query", "choices": "choices", "gold": "gold"},
+            "metric": "loglik_mc"}  # fmt: skip
+    config = validate_config(config_with(evaluation={"general": ["general_commonsense", spec]}))
+    from forgetless.experiment.runner import load_tasks
+
+    _, general = load_tasks(config)
+    assert [task.name for task in general] == ["general_commonsense", "mc"]
+    assert general[1].kind == "general" and general[1].test[0].choices == ("2", "3")
+    with pytest.raises(InputError, match="task 'kelvar_dates' appears twice"):
+        validate_config(config_with(evaluation={"general": [{**spec, "name": "kelvar_dates"}]}))
+
+
+def test_validation_split_needs_a_validation_set(tmp_path):
+    from forgetless.experiment.runner import Runner, results_folder
+
+    config = validate_config(config_with(evaluation={"split": "validation"}))
+    with pytest.raises(InputError, match="task 'kelvar_dates' has no validation split; give it validation"):
+        Runner(config, tmp_path)
+    assert results_folder(config, tmp_path) == tmp_path / "validation"

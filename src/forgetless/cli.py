@@ -148,7 +148,7 @@ def _run_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_and_report(config: object, out: str, report: bool = True) -> int:
-    from forgetless.experiment.runner import run_experiment
+    from forgetless.experiment.runner import results_folder, run_experiment
     from forgetless.experiment.summary import print_summary
 
     results = run_experiment(config, out, log=_log)
@@ -156,7 +156,7 @@ def _run_and_report(config: object, out: str, report: bool = True) -> int:
     if report:
         from forgetless.report import write_report
 
-        report_path = str(write_report(out))
+        report_path = str(write_report(results_folder(config, out)))
     print_summary(results, report_path)
     return 0
 

@@ -73,8 +73,28 @@ class MixSpec(BaseModel):
     parameters: dict[str, Any] = Field(default_factory=dict, description="extra mixing parameters")
 
 
+METHOD_KINDS = ("strategy", "merge", "mix", "variant")
+
+
+class VariantSpec(BaseModel):
+    """Evaluate another method's trained stages with different inference-time adapter settings.
+
+    The dynamic-merging mask ratio, the merge scale, the yielding scale and top-K only decide how
+    a trained SLIM / MoE-LoRA adapter is applied, so sweeping them needs no retraining: a variant
+    reuses every stage of ``of`` and is scored as a method of its own.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    of: str = Field(description="name of a strategy method in this config with a moe_lora or slim adapter")
+    adapter: dict[str, Any] = Field(
+        min_length=1,
+        description="inference-time AdapterConfig fields: mask_ratio, merge_scale, yield_scale, top_k",
+    )
+
+
 class MethodSpec(BaseModel):
-    """One row group of the comparison: a strategy, or a merge / mix over a one_round method."""
+    """One row group of the comparison: a strategy, a merge / mix over a one_round method, or a
+    variant of a strategy method evaluated with other inference settings."""
 
     model_config = ConfigDict(extra="forbid")
     name: str = Field(
@@ -87,28 +107,38 @@ class MethodSpec(BaseModel):
     )
     merge: MergeSpec | None = None
     mix: MixSpec | None = None
+    variant: VariantSpec | None = None
     evaluate: bool = Field(
         True, description="evaluate after every stage (false: train only, e.g. a merge source)"
     )
 
     @model_validator(mode="after")
     def _one_kind(self) -> MethodSpec:
-        kinds = [k for k in ("strategy", "merge", "mix") if getattr(self, k) is not None]
+        kinds = [k for k in METHOD_KINDS if getattr(self, k) is not None]
         if len(kinds) != 1:
             raise ValueError(
-                f"method '{self.name}' needs exactly one of strategy, merge or mix (got {kinds or 'none'})"
+                f"method '{self.name}' needs exactly one of strategy, merge, mix or variant "
+                f"(got {kinds or 'none'})"
             )
         return self
 
     @property
     def kind(self) -> str:
-        return "strategy" if self.strategy else ("merge" if self.merge else "mix")
+        return next(kind for kind in METHOD_KINDS if getattr(self, kind) is not None)
 
 
 class EvaluationSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    general: list[str] = Field(
-        default_factory=lambda: ["general"], description="general-ability suites or tasks"
+    general: list[str | TaskSpec] = Field(
+        default_factory=lambda: ["general"],
+        description="general-ability suites or tasks: built-in names, or task specs over data files "
+        "(e.g. ARC-Easy scored by loglik_mc); they are never trained on",
+    )
+    split: Literal["test", "validation"] = Field(
+        "test",
+        description="which split of the sequence tasks is scored: test, or validation (for choosing "
+        "hyper-parameters; each task needs a validation file or validation_fraction). Results of a "
+        "validation run go to OUT/validation/; trained stages are shared with the test run",
     )
     limit: int | None = Field(None, ge=1, description="at most this many test items per task (seeded sample)")
     general_limit: int | None = Field(None, ge=1, description="at most this many items per general task")
@@ -259,13 +289,22 @@ def check_config(config: ExperimentConfig, source: str = "config") -> None:
         )
     try:
         expand_task_names(builtin)
-        expand_task_names(config.evaluation.general)
+        general_names = expand_task_names([t for t in config.evaluation.general if isinstance(t, str)])
     except InputError as error:
         raise InputError(f"{source}: {error}") from None
+    general_names += [t.name for t in config.evaluation.general if not isinstance(t, str)]
+    clash = sorted({n for n in general_names if general_names.count(n) > 1 or n in task_names})
+    if clash:
+        raise InputError(
+            f"{source}: evaluation.general: task '{clash[0]}' appears twice (or is also a sequence task); "
+            "give each general task a unique name"
+        )
     for index, method in enumerate(config.methods):
         where = f"{source}: methods.{index} ('{method.name}')"
         if method.strategy:
             _check_strategy(method, config, where)
+        elif method.variant:
+            _check_variant(method, config, where)
         else:
             spec = method.merge or method.mix
             if spec.source not in names:
@@ -296,6 +335,43 @@ def _check_strategy(method: MethodSpec, config: ExperimentConfig, where: str) ->
         first = error.errors()[0]
         location = ".".join(str(part) for part in first["loc"])
         raise InputError(f"{where}: train.{location}: {first['msg']}") from None
+
+
+def _check_variant(method: MethodSpec, config: ExperimentConfig, where: str) -> None:
+    """The variant's source is a routed-adapter strategy method and its settings are inference-only."""
+    from forgetless.adapters import INFERENCE_FIELDS, AdapterConfig
+    from forgetless.strategies import make_strategy
+
+    spec = method.variant
+    methods = {m.name: m for m in config.methods}
+    source_method = methods.get(spec.of)
+    if source_method is None or not source_method.strategy:
+        strategies = [m.name for m in config.methods if m.strategy]
+        raise InputError(
+            f"{where}: variant.of: '{spec.of}' is not a strategy method of this config."
+            f"{did_you_mean(spec.of, strategies)} Strategy methods: {', '.join(strategies) or 'none'}"
+        )
+    for key in spec.adapter:
+        if key not in INFERENCE_FIELDS:
+            raise InputError(
+                f"{where}: variant.adapter: '{key}' is not an inference-time setting.{did_you_mean(key, list(INFERENCE_FIELDS))} "
+                f"A variant may set {', '.join(INFERENCE_FIELDS)}; anything else needs its own strategy method"
+            )
+    strategy = make_strategy(source_method.strategy, source_method.params, source="params")
+    kind = getattr(strategy.engine, "kind", None)
+    if kind not in ("moe_lora", "slim"):
+        raise InputError(
+            f"{where}: variant.of: '{spec.of}' trains no moe_lora or slim adapter (strategy "
+            f"{source_method.strategy}); variants change routed adapters only"
+        )
+    fields = {**strategy.engine.fields, "kind": kind}
+    trained = AdapterConfig.from_dict(fields, source=f"{where}: variant.of")
+    varied = AdapterConfig.from_dict({**fields, **spec.adapter}, source=f"{where}: variant.adapter")
+    if varied.uses_clustering and not trained.uses_clustering:
+        raise InputError(
+            f"{where}: variant.adapter: yield_scale > 0 needs sliding clustering, which '{spec.of}' did not "
+            "train (no identity experts or yield_scale 0); train a method with yielding instead"
+        )
 
 
 def _check_registry(kind: str, name: str, where: str) -> None:

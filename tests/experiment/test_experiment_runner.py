@@ -103,3 +103,41 @@ def test_killed_runs_resume_to_the_same_numbers(tmp_path):
             _assert_no_half_written_artifacts(out)
         subprocess.run(_cli(config_path, out), check=True, capture_output=True)
         assert scores(json.loads((out / "results.json").read_text())) == expected
+
+
+def test_variants_and_validation_runs_reuse_the_trained_stages(tmp_path):
+    records = [{"prompt": f"What is the code of item {i}?", "answer": f"K{i % 3}"} for i in range(24)]
+    (tmp_path / "codes.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    slim = {"r": 2, "alpha": 4, "num_experts": 2, "top_k": 1, "mask_ratio": 0.2}
+    data = {
+        **CONFIG,
+        "data_dir": str(tmp_path),
+        "tasks": [
+            {"name": "codes", "train": "codes.jsonl", "test": "codes.jsonl", "validation_fraction": 0.25}
+        ],
+        "methods": [
+            {"name": "slim", "strategy": "slim", "params": slim},
+            {"name": "slim_same", "variant": {"of": "slim", "adapter": {"mask_ratio": 0.2}}},
+            {"name": "slim_p0", "variant": {"of": "slim", "adapter": {"mask_ratio": 0.0, "top_k": 2}}},
+        ],
+    }
+    out = tmp_path / "run"
+    results = run_experiment(validate_config(data), out)
+    assert list(results["methods"]) == ["slim", "slim_same", "slim_p0"]
+    assert results["methods"]["slim_p0"]["kind"] == "variant"
+    # a variant with the source's own settings scores exactly what the source scores
+    assert scores(results)["slim_same"] == scores(results)["slim"]
+    assert (
+        list((out / "methods").iterdir())
+        and not (out / "methods" / "slim_p0" / "stage-0-codes" / "done.json").exists()
+    )
+    assert list((out / "methods" / "slim_p0" / "stage-0-codes").glob("eval-*.json"))
+    done = out / "methods" / "slim" / "stage-0-codes" / "done.json"
+    trained = done.read_text(), done.stat().st_mtime_ns
+    validation = run_experiment(
+        validate_config({**data, "evaluation": {**data["evaluation"], "split": "validation"}}), out
+    )
+    assert (done.read_text(), done.stat().st_mtime_ns) == trained  # the stage was reused, not retrained
+    assert (out / "validation" / "results.json").exists() and (out / "results.json").exists()
+    assert validation["methods"]["slim"]["matrix"][0] is not None
+    assert json.loads((out / "results.json").read_text())["run"]["evaluation"]["split"] == "test"

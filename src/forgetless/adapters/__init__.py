@@ -11,6 +11,7 @@ from forgetless.adapters.clustering import SlidingClusters
 from forgetless.adapters.config import ATTENTION_PROJECTIONS, MLP_PROJECTIONS, AdapterConfig
 from forgetless.adapters.diagnostics import routing_diagnostics
 from forgetless.adapters.inject import (
+    INFERENCE_FIELDS,
     adapter_layers,
     adapter_regularization,
     adapter_state_dict,
@@ -19,6 +20,7 @@ from forgetless.adapters.inject import (
     lora_factors,
     merge_adapters,
     remove_adapters,
+    set_inference_options,
     trainable_parameters,
 )
 from forgetless.adapters.lora import LoRALinear
@@ -30,6 +32,7 @@ from forgetless.adapters.slim import MixtureLinear
 __all__ = [
     "ADAPTER_LAYERS",
     "ATTENTION_PROJECTIONS",
+    "INFERENCE_FIELDS",
     "MLP_PROJECTIONS",
     "AdapterConfig",
     "AdapterLayer",
@@ -49,6 +52,7 @@ __all__ = [
     "remove_adapters",
     "routing_diagnostics",
     "save_adapter",
+    "set_inference_options",
     "structured_dare_masks",
     "trainable_parameters",
 ]

@@ -239,3 +239,55 @@ def merge_adapters(model: nn.Module) -> nn.Module:
         _set_module(model, name, base)
     _drop_hook_if_unused(model)
     return model
+
+
+#: AdapterConfig fields that only decide how a trained routed adapter is applied, not what it
+#: learned (masking is inference-only unless ``mask_in_training``): they can be changed on a
+#: loaded adapter, so sweeping them needs no retraining.
+INFERENCE_FIELDS = ("mask_ratio", "merge_scale", "yield_scale", "top_k")
+
+
+def set_inference_options(model: nn.Module, **options: float | int) -> dict[str, float | int]:
+    """Change inference-time settings of every routed (moe_lora / slim) layer of ``model``.
+
+    Args:
+        options: any of ``INFERENCE_FIELDS`` (validated as ``AdapterConfig`` fields).
+
+    Returns:
+        The previous values (of the first routed layer), so ``set_inference_options(model, **old)``
+        restores them.
+
+    Raises:
+        InputError: an unknown option, a model without routed layers, or yielding asked of an
+            adapter that has no sliding-clustering state.
+    """
+    from forgetless.adapters.slim import MixtureLinear
+    from forgetless.registry import did_you_mean
+
+    for key in options:
+        if key not in INFERENCE_FIELDS:
+            raise InputError(
+                f"inference option '{key}' is unknown.{did_you_mean(key, list(INFERENCE_FIELDS))} "
+                f"Valid options: {', '.join(INFERENCE_FIELDS)}"
+            )
+    layers = {
+        name: layer for name, layer in adapter_layers(model).items() if isinstance(layer, MixtureLinear)
+    }
+    if not layers:
+        raise InputError(
+            "the model has no moe_lora or slim adapter layers; inference options change those only"
+        )
+    previous: dict[str, float | int] = {}
+    for name, layer in layers.items():
+        before = layer.config
+        after = AdapterConfig.from_dict({**before.model_dump(), **options}, source="inference options")
+        if after.uses_clustering and layer.clusters is None:
+            raise InputError(
+                f"{name}: yield_scale > 0 needs sliding-clustering state, which this adapter was trained "
+                "without (no identity experts or yield_scale 0)"
+            )
+        previous = previous or {key: getattr(before, key) for key in options}
+        layer.config = after
+        layer._eval_masks = None  # masks depend on mask_ratio; the other caches key on the config
+        layer.after_load()
+    return previous

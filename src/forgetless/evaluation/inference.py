@@ -1,8 +1,9 @@
 """Batched inference for evaluation: greedy generation with a KV cache, and choice log-likelihoods.
 
 Both work on any causal LM whose forward takes ``input_ids``, ``attention_mask``, ``position_ids``,
-``past_key_values`` and ``use_cache`` and returns ``logits`` and ``past_key_values`` (transformers
-models, PEFT models, models with forgetless adapters injected, merged and Mixtral MoE models).
+a KV cache (``cache``, or ``past_key_values`` before transformers 5.24: ``forgetless.compat``) and
+``use_cache`` and returns ``logits`` and that cache (transformers models, PEFT models, models with
+forgetless adapters injected, merged and Mixtral MoE models).
 
 Prompts are left-padded so that every row's next token sits in the last column; position ids are
 counted from each row's first real token, so a padded row sees exactly the positions it would see
@@ -18,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+
+from forgetless.compat import cache_kwargs, output_cache
 
 
 @dataclass(frozen=True)
@@ -109,7 +112,7 @@ def generate_greedy(
         positions = _positions(attention_mask)
         output = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
                        use_cache=True, **keep_last)  # fmt: skip
-        cache, next_position = output.past_key_values, positions[:, -1:] + 1
+        cache, next_position = output_cache(output), positions[:, -1:] + 1
         next_tokens = output.logits[:, -1].argmax(-1)
         active = list(batch)  # prompt index of each row still generating
         generated: dict[int, list[int]] = {i: [] for i in batch}
@@ -134,8 +137,8 @@ def generate_greedy(
                 active = [active[row] for row in still_running]
             attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(active), 1))], dim=1)
             output = model(input_ids=next_tokens[:, None], attention_mask=attention_mask,
-                           position_ids=next_position, past_key_values=cache, use_cache=True)  # fmt: skip
-            cache, next_position = output.past_key_values, next_position + 1
+                           position_ids=next_position, use_cache=True, **cache_kwargs(model, cache))  # fmt: skip
+            cache, next_position = output_cache(output), next_position + 1
             next_tokens = output.logits[:, -1].argmax(-1)
         for index in batch:
             text, _ = _cut_at_stop(decode(generated[index]), stop)
@@ -252,7 +255,7 @@ def _cached_batch(
     output = model(input_ids=input_ids, attention_mask=prompt_mask, position_ids=positions,
                    use_cache=True, **extra)  # fmt: skip
     first_logprobs = torch.log_softmax(output.logits[:, -1].float(), dim=-1)  # (Q, V)
-    cache = output.past_key_values
+    cache = output_cache(output)
 
     question_of_row = [q for q, options in enumerate(choices) for _ in options]
     rows = [list(option) for options in choices for option in options]
@@ -277,7 +280,7 @@ def _cached_batch(
         choice_positions = positions[row_question, -1:] + 1 + torch.arange(longest, device=device)
         # only the first longest-1 tokens need a forward: the last token predicts nothing we score
         output = model(input_ids=continuation[:, :-1], attention_mask=attention_mask[:, :-1],
-                       position_ids=choice_positions[:, :-1], past_key_values=cache, use_cache=True)  # fmt: skip
+                       position_ids=choice_positions[:, :-1], use_cache=True, **cache_kwargs(model, cache))  # fmt: skip
         logits = output.logits.float()  # (R, longest-1, V)
         token_logprobs = logits.gather(2, continuation[:, 1:, None]).squeeze(2) - logits.logsumexp(-1)
         totals = totals + (token_logprobs * continuation_mask[:, 1:]).sum(1)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ import torch
 
 from forgetless.config import ExperimentConfig, MethodSpec
 from forgetless.data.task import Task
+from forgetless.errors import InputError
 from forgetless.experiment.cache import EvalCache, cache_key
 from forgetless.experiment.lock import run_lock
 from forgetless.io import write_json, write_text
@@ -49,11 +51,39 @@ def load_tasks(config: ExperimentConfig) -> tuple[list[Task], list[Task]]:
         sequence.append(
             loaded.limited(config.limits.train, config.evaluation.limit or config.limits.test, config.seed)
         )
-    general = [
-        get_task(name, seed=config.seed).limited(None, config.evaluation.general_limit, config.seed)
-        for name in expand_task_names(config.evaluation.general)
-    ]
+    general = []
+    for entry in config.evaluation.general:
+        if isinstance(entry, str):
+            loaded_general = [get_task(name, seed=config.seed) for name in expand_task_names([entry])]
+        else:  # a data-file task used as a general-ability probe (never trained on)
+            loaded_general = [replace(entry.load(config.data_root(), seed=config.seed), kind="general")]
+        general += [
+            task.limited(None, config.evaluation.general_limit, config.seed) for task in loaded_general
+        ]
     return sequence, general
+
+
+def scored_tasks(tasks: list[Task], config: ExperimentConfig) -> list[Task]:
+    """The sequence tasks as evaluation sees them: their test split, or (``evaluation.split:
+    validation``) their validation split in its place, limited like the test split."""
+    if config.evaluation.split == "test":
+        return tasks
+    out = []
+    for task in tasks:
+        if not task.validation:
+            raise InputError(
+                f"evaluation.split: task '{task.name}' has no validation split; give it validation: FILE "
+                "or validation_fraction: 0.1 (carved from its training data)"
+            )
+        limit = config.evaluation.limit or config.limits.test
+        out.append(replace(task, test=task.validation).limited(None, limit, config.seed))
+    return out
+
+
+def results_folder(config: ExperimentConfig, out_dir: str | Path) -> Path:
+    """Where results.json and the report go: ``OUT`` for the test split, ``OUT/validation`` else."""
+    out = Path(out_dir)
+    return out if config.evaluation.split == "test" else out / "validation"
 
 
 def combine_tasks(tasks: list[Task], seed: int) -> Task:
@@ -79,8 +109,10 @@ class Runner:
         self.stages = (
             self.tasks if config.schedule == "sequential" else [combine_tasks(self.tasks, config.seed)]
         )
-        self.task_keys = [task.fingerprint() for task in self.tasks + self.general]
+        self.scored = scored_tasks(self.tasks, config)  # what evaluation scores: test or validation
+        self.task_keys = [task.fingerprint() for task in self.scored + self.general]
         self.timings: dict[str, float] = {}
+        self.produced_variants: dict[str, dict[str, Any]] = {}
 
     # ----------------------------------------------------------------------------- evaluation
     def evaluate(
@@ -104,7 +136,7 @@ class Runner:
         scores = evaluate_tasks(
             model,
             tokenizer,
-            self.tasks + self.general,
+            self.scored + self.general,
             batch_size=self.config.evaluation.batch_size,
             seed=self.config.seed,
         )
@@ -143,12 +175,19 @@ class Runner:
             [t.fingerprint() for t in self.stages],
         ]
 
+        variants = [m for m in self.config.methods if m.variant is not None and m.variant.of == method.name]
+        variant_rows: dict[str, dict[int, dict[str, Any]]] = {v.name: {} for v in variants}
+
         def on_stage_end(stage: int, model: torch.nn.Module, tokenizer: Any) -> None:
-            if not method.evaluate:
-                return
-            what = f"{method.name} after stage {stage + 1}/{len(self.stages)} ({self.stages[stage].name})"
+            when = f"after stage {stage + 1}/{len(self.stages)} ({self.stages[stage].name})"
             target = stage_folder(folder, stage, self.stages[stage].name)
-            rows[stage] = self.evaluate(target, [identity, stage], lambda: (model, tokenizer), what)
+            if method.evaluate:
+                what = f"{method.name} {when}"
+                rows[stage] = self.evaluate(target, [identity, stage], lambda: (model, tokenizer), what)
+            for variant in variants:
+                variant_rows[variant.name][stage] = self.evaluate_variant(
+                    variant, target.name, [identity, stage], model, tokenizer, when
+                )
 
         start = time.perf_counter()
         results = run_strategy(
@@ -162,8 +201,35 @@ class Runner:
             on_stage_end=on_stage_end,
         )
         self.timings[method.name] = round(time.perf_counter() - start, 1)
-        return {"stages": [task.name for task in self.stages], "rows": [rows.get(i) for i in range(len(self.stages))],
+        stages = [task.name for task in self.stages]
+        for variant in variants:
+            self.produced_variants[variant.name] = {
+                "stages": stages,
+                "rows": [variant_rows[variant.name].get(i) for i in range(len(self.stages))],
+            }
+        return {"stages": stages, "rows": [rows.get(i) for i in range(len(self.stages))],
                 "artifacts": [str(getattr(r, "artifact", "")) for r in results]}  # fmt: skip
+
+    def evaluate_variant(
+        self, variant: MethodSpec, stage_name: str, identity: Any, model: torch.nn.Module, tokenizer: Any,
+        when: str,
+    ) -> dict[str, Any]:  # fmt: skip
+        """Score one stage of the variant's source with the variant's inference settings, then
+        put the source's settings back (the model is the source's, shared)."""
+        from forgetless.adapters import set_inference_options
+
+        previous: dict[str, Any] = {}
+
+        def load() -> tuple[torch.nn.Module, Any]:
+            previous.update(set_inference_options(model, **variant.variant.adapter))
+            return model, tokenizer
+
+        folder = self.out / "methods" / variant.name / stage_name
+        try:
+            return self.evaluate(folder, [identity, variant.model_dump()], load, f"{variant.name} {when}")
+        finally:
+            if previous:
+                set_inference_options(model, **previous)
 
     def run_combine_method(self, method: MethodSpec, source: dict[str, Any]) -> dict[str, Any]:
         """Merge or mix the first i per-task outputs of a one_round method, for every stage i."""
@@ -234,7 +300,7 @@ class Runner:
             base = self.base_row()
             produced: dict[str, dict[str, Any]] = {}
             ordered = [m for m in self.config.methods if m.strategy] + [
-                m for m in self.config.methods if not m.strategy
+                m for m in self.config.methods if m.merge or m.mix
             ]
             for method in ordered:
                 if method.strategy:
@@ -242,8 +308,9 @@ class Runner:
                 else:
                     source = (method.merge or method.mix).source
                     produced[method.name] = self.run_combine_method(method, produced[source])
+            produced.update(self.produced_variants)  # scored while their source's stages were loaded
             results = self.results(base, produced, continual_metrics)
-            write_json(self.out / "results.json", results)
+            write_json(results_folder(self.config, self.out) / "results.json", results)
         return results
 
     def results(

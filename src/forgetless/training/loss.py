@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from forgetless.compat import cache_argument, cache_kwargs, output_cache
 from forgetless.data.formatting import IGNORE_INDEX
 
 
@@ -80,7 +81,7 @@ def can_share_prefix(model: nn.Module) -> bool:
     if not supports_logits_mask(model):
         return False
     try:
-        if "past_key_values" not in inspect.signature(model.forward).parameters:
+        if cache_argument(model) is None:
             return False
     except (TypeError, ValueError):
         return False
@@ -104,15 +105,15 @@ def prefix_shared_logits(
     """
     batch, length = input_ids.shape
     no_logits = torch.zeros(1, prefix, dtype=torch.bool, device=input_ids.device)  # the prefix needs none
-    cache = model(input_ids=input_ids[:1, :prefix], logits_to_keep=no_logits, use_cache=True).past_key_values
+    cache = output_cache(model(input_ids=input_ids[:1, :prefix], logits_to_keep=no_logits, use_cache=True))
     cache.batch_repeat_interleave(batch)
     positions = torch.arange(prefix, length, device=input_ids.device).unsqueeze(0).expand(batch, -1)
     return model(
         input_ids=input_ids[:, prefix:],
         attention_mask=attention_mask,
         position_ids=positions,
-        past_key_values=cache,
         logits_to_keep=keep[:, prefix:],
+        **cache_kwargs(model, cache),
         use_cache=True,
     ).logits
 

@@ -175,3 +175,30 @@ def test_validation_split_needs_a_validation_set(tmp_path):
     with pytest.raises(InputError, match="task 'kelvar_dates' has no validation split; give it validation"):
         Runner(config, tmp_path)
     assert results_folder(config, tmp_path) == tmp_path / "validation"
+
+
+def test_validation_runs_score_their_own_general_probes():
+    from forgetless.experiment.runner import load_tasks
+
+    data = config_with(
+        evaluation={"general": ["general_arithmetic"], "validation_general": ["general_capitals"]}
+    )
+    _, general = load_tasks(validate_config(data))
+    assert [task.name for task in general] == ["general_arithmetic"]
+    data["evaluation"]["split"] = "validation"
+    _, general = load_tasks(validate_config(data))
+    assert [task.name for task in general] == ["general_capitals"]
+    with pytest.raises(InputError, match="evaluation.validation_general: unknown task or suite 'capitals'"):
+        validate_config(config_with(evaluation={"validation_general": ["capitals"]}))
+
+
+def test_data_dir_override_is_relative_to_the_current_folder(tmp_path, monkeypatch):
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "data").mkdir()
+    path = tmp_path / "configs" / "c.yaml"
+    path.write_text(yaml.safe_dump(config_with(data_dir="../data")))
+    assert load_config(path).data_root().resolve() == tmp_path / "data"  # in the YAML: from the file
+    monkeypatch.chdir(tmp_path)
+    assert load_config(path, ["data_dir=data"]).data_root().resolve() == tmp_path / "data"  # typed: from here
+    with pytest.raises(InputError, match=r"data_dir: folder \S*configs/data does not exist"):
+        load_config(path, ["data_dir=configs/data"])

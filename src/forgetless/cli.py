@@ -164,7 +164,8 @@ def _run_and_report(config: object, out: str, report: bool = True) -> int:
 @command("run", "run an experiment: task sequence x methods -> accuracy matrices, metrics, report", _run_args,
          epilog="""examples:
   forgetless run examples/demo.yaml --out runs/demo
-  forgetless run examples/trace.yaml data_dir=../shared/data/trace/LLM-CL-Benchmark_500
+  forgetless run examples/trace.yaml data_dir=../shared/data
+  forgetless run examples/slim_multidataset.yaml data_dir=../shared/data evaluation.split=validation
   forgetless run examples/demo.yaml train.epochs=3 methods.0.params.r=8
 re-running the same command resumes: finished stages and evaluations are reused.""")  # fmt: skip
 def cmd_run(args: argparse.Namespace) -> int:

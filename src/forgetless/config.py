@@ -134,6 +134,11 @@ class EvaluationSpec(BaseModel):
         description="general-ability suites or tasks: built-in names, or task specs over data files "
         "(e.g. ARC-Easy scored by loglik_mc); they are never trained on",
     )
+    validation_general: list[str | TaskSpec] | None = Field(
+        None,
+        description="general-ability probes scored instead of general when split is validation, so that "
+        "choosing settings never looks at the reported general probes (default: general)",
+    )
     split: Literal["test", "validation"] = Field(
         "test",
         description="which split of the sequence tasks is scored: test, or validation (for choosing "
@@ -141,7 +146,11 @@ class EvaluationSpec(BaseModel):
         "validation run go to OUT/validation/; trained stages are shared with the test run",
     )
     limit: int | None = Field(None, ge=1, description="at most this many test items per task (seeded sample)")
-    general_limit: int | None = Field(None, ge=1, description="at most this many items per general task")
+    general_limit: int | None = Field(
+        None,
+        ge=1,
+        description="at most this many items per general task (a data-file task's own limit_test wins)",
+    )
     batch_size: int = Field(16, ge=1, description="evaluation batch size")
 
 
@@ -157,7 +166,9 @@ class ExperimentConfig(BaseModel):
     )
     tasks: list[str | TaskSpec] = Field(min_length=1, description="the task sequence, in training order")
     data_dir: str | None = Field(
-        None, description="folder that task data paths start from (default: the config file's folder)"
+        None,
+        description="folder that task data paths start from (default: the config file's folder); in the "
+        "YAML relative to the config file, as a data_dir=PATH override relative to the current folder",
     )
     schedule: Literal["sequential", "multi_task"] = Field(
         "sequential",
@@ -257,6 +268,11 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Experim
     if not isinstance(data, dict):
         raise InputError(f"{path}: expected a mapping of keys (name, model, tasks, methods, ...)")
     data = apply_overrides(data, overrides or [])
+    # a data_dir typed on the command line is a path from where the command runs, as any shell
+    # argument; one written in the YAML starts from the config file's folder
+    given = [item.split("=", 1)[1] for item in overrides or [] if item.split("=", 1)[0] == "data_dir"]
+    if given and given[-1] and not Path(given[-1]).expanduser().is_absolute():
+        data["data_dir"] = str(Path(given[-1]).expanduser().resolve())
     data.setdefault("base_dir", str(path.parent.resolve()))
     return validate_config(data, str(path))
 
@@ -289,16 +305,10 @@ def check_config(config: ExperimentConfig, source: str = "config") -> None:
         )
     try:
         expand_task_names(builtin)
-        general_names = expand_task_names([t for t in config.evaluation.general if isinstance(t, str)])
     except InputError as error:
         raise InputError(f"{source}: {error}") from None
-    general_names += [t.name for t in config.evaluation.general if not isinstance(t, str)]
-    clash = sorted({n for n in general_names if general_names.count(n) > 1 or n in task_names})
-    if clash:
-        raise InputError(
-            f"{source}: evaluation.general: task '{clash[0]}' appears twice (or is also a sequence task); "
-            "give each general task a unique name"
-        )
+    for field in ("general", "validation_general"):
+        _check_general(getattr(config.evaluation, field) or [], task_names, f"{source}: evaluation.{field}")
     for index, method in enumerate(config.methods):
         where = f"{source}: methods.{index} ('{method.name}')"
         if method.strategy:
@@ -335,6 +345,22 @@ def _check_strategy(method: MethodSpec, config: ExperimentConfig, where: str) ->
         first = error.errors()[0]
         location = ".".join(str(part) for part in first["loc"])
         raise InputError(f"{where}: train.{location}: {first['msg']}") from None
+
+
+def _check_general(entries: list[str | TaskSpec], task_names: list[str], where: str) -> None:
+    from forgetless.tasks import expand_task_names
+
+    try:
+        names = expand_task_names([entry for entry in entries if isinstance(entry, str)])
+    except InputError as error:
+        raise InputError(f"{where}: {error}") from None
+    names += [entry.name for entry in entries if not isinstance(entry, str)]
+    clash = sorted({name for name in names if names.count(name) > 1 or name in task_names})
+    if clash:
+        raise InputError(
+            f"{where}: task '{clash[0]}' appears twice (or is also a sequence task); "
+            "give each general task a unique name"
+        )
 
 
 def _check_variant(method: MethodSpec, config: ExperimentConfig, where: str) -> None:

@@ -65,6 +65,8 @@ def test_contains_needs_whole_words():
 def test_accuracy_reads_the_first_line_and_gold_choice():
     assert score("accuracy", "ZEPH\nbecause it is about weather", "zeph") == 1.0
     assert score("accuracy", "ZEPH: it rains", "ZEPH") == 0.0
+    assert score("accuracy", "A", "A\nFigures of speech are words ...") == 1.0  # TRACE ScienceQA
+    assert score("accuracy", "B", "A\nFigures of speech are words ...") == 0.0
     example = Example("Pick", "b", choices=("a", "b"), gold=1)
     assert get_scorer("accuracy").score("B.", example) == 1.0
 

@@ -52,14 +52,18 @@ def load_tasks(config: ExperimentConfig) -> tuple[list[Task], list[Task]]:
             loaded.limited(config.limits.train, config.evaluation.limit or config.limits.test, config.seed)
         )
     general = []
-    for entry in config.evaluation.general:
+    entries = config.evaluation.general
+    if config.evaluation.split == "validation" and config.evaluation.validation_general is not None:
+        entries = config.evaluation.validation_general
+    limit = config.evaluation.general_limit
+    for entry in entries:
         if isinstance(entry, str):
-            loaded_general = [get_task(name, seed=config.seed) for name in expand_task_names([entry])]
-        else:  # a data-file task used as a general-ability probe (never trained on)
-            loaded_general = [replace(entry.load(config.data_root(), seed=config.seed), kind="general")]
-        general += [
-            task.limited(None, config.evaluation.general_limit, config.seed) for task in loaded_general
-        ]
+            tasks = [get_task(name, seed=config.seed) for name in expand_task_names([entry])]
+            general += [task.limited(None, limit, config.seed) for task in tasks]
+        else:  # a data-file task used as a general-ability probe (never trained on); its own
+            # limit_test, when set, wins over general_limit
+            task = replace(entry.load(config.data_root(), seed=config.seed), kind="general")
+            general.append(task if entry.limit_test else task.limited(None, limit, config.seed))
     return sequence, general
 
 

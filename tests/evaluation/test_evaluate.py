@@ -160,3 +160,33 @@ def test_prompts_longer_than_the_context_are_truncated(tiny_llama):
     assert evaluate_task(model, tokenizer, mc, style="plain").n == 1
     gen = Task("long_gen", [], [Example(long, "word")], max_new_tokens=3)
     assert evaluate_task(model, tokenizer, gen, style="plain").n == 1
+
+
+def test_task_max_prompt_tokens_cuts_prompts_as_training_does(tiny_llama, monkeypatch):
+    """A task's max_prompt_tokens bounds every scored prompt (BOS kept first), for both routes."""
+    import forgetless.evaluation.evaluate as evaluate_module
+
+    model, tokenizer = tiny_llama
+    seen = []
+    for name in ("choice_loglikelihoods", "generate_greedy"):
+        real = getattr(evaluate_module, name)
+
+        def spy(model, prompts, *args, real=real, **kwargs):
+            seen.append([list(p) for p in prompts])
+            return real(model, prompts, *args, **kwargs)
+
+        monkeypatch.setattr(evaluate_module, name, spy)
+    long = " ".join(["word"] * 300) + " Which word?"
+    mc = Task("mc", [], [Example(long, "word", choices=("word", "other"), gold=0)], metric="loglik_mc",
+              max_prompt_tokens=40)  # fmt: skip
+    gen = Task("gen", [], [Example(long, "word")], max_new_tokens=3, max_prompt_tokens=40)
+    evaluate_task(model, tokenizer, mc)
+    evaluate_task(model, tokenizer, gen)
+    full = PromptFormatter(tokenizer).prompt_ids(long)
+    assert len(full) > 300
+    for prompts in seen:
+        assert (
+            prompts[0] == evaluate_module.fit_prompt(full, 40, tokenizer.bos_token_id)
+            and len(prompts[0]) == 40
+        )
+    assert mc.fingerprint() != Task("mc", [], mc.test, metric="loglik_mc").fingerprint()

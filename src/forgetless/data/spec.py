@@ -75,6 +75,12 @@ class TaskSpec(BaseModel):
     )
     metric: str = Field("exact_match", description="scorer name (forgetless scorers lists them)")
     max_new_tokens: int = Field(32, ge=1, description="generation budget per answer")
+    max_prompt_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="evaluation keeps at most this many prompt tokens, cutting the oldest (BOS kept), as "
+        "training's max_length does; default: the model's context length",
+    )
     limit_train: int | None = Field(
         None, ge=1, description="use at most this many training examples (seeded sample)"
     )
@@ -136,6 +142,7 @@ class TaskSpec(BaseModel):
             validation=splits["validation"],
             metric=self.metric,
             max_new_tokens=self.max_new_tokens,
+            max_prompt_tokens=self.max_prompt_tokens,
             description=f"user task from {self.data_dir or self.test}",
             system_prompt=self.system_prompt,
             stop=tuple(self.stop),

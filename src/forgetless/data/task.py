@@ -49,6 +49,8 @@ class Task:
         description: one line for ``forgetless tasks``.
         system_prompt: system message for chat models (None: the template's default).
         stop: strings that end a generated answer (the text from the first one on is dropped).
+        max_prompt_tokens: evaluation keeps at most this many prompt tokens (the oldest are cut,
+            BOS kept), as training's ``max_length`` cuts them; None: the model's context length.
     """
 
     name: str
@@ -62,6 +64,7 @@ class Task:
     description: str = ""
     system_prompt: str | None = None
     stop: tuple[str, ...] = ()
+    max_prompt_tokens: int | None = None
 
     @property
     def is_multiple_choice(self) -> bool:
@@ -94,6 +97,8 @@ class Task:
         """A content hash of the task (splits + scoring), used to key cached results."""
         digest = hashlib.sha256()
         header = [self.name, self.metric, self.max_new_tokens, self.system_prompt, list(self.stop)]
+        if self.max_prompt_tokens is not None:  # only when set: older fingerprints stay valid
+            header.append(self.max_prompt_tokens)
         digest.update(json.dumps(header).encode())
         for split in (self.train, self.validation, self.test):
             digest.update(b"|split|")

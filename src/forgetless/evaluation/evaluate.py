@@ -96,6 +96,14 @@ def fit_prompt(ids: list[int], budget: int | None, bos_id: int | None) -> list[i
     return ids[len(ids) - budget :]
 
 
+def _prompt_budget(model: nn.Module, task: Task, room: int) -> int | None:
+    """Prompt tokens allowed: the model's context minus ``room`` for the answer, and at most the
+    task's ``max_prompt_tokens``."""
+    limit = context_length(model)
+    budgets = [b for b in (None if limit is None else limit - room, task.max_prompt_tokens) if b is not None]
+    return min(budgets) if budgets else None
+
+
 def _mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else 0.0
 
@@ -163,11 +171,10 @@ def _score_loglik(model, tokenizer, task, formatter, scorer, batch_size) -> Task
     choices = [
         [formatter.answer_ids(example.prompt, choice) for choice in example.choices] for example in task.test
     ]
-    limit = context_length(model)
     prompts = [
         fit_prompt(
             formatter.prompt_ids(example.prompt),
-            None if limit is None else limit - max(map(len, options), default=0),
+            _prompt_budget(model, task, max(map(len, options), default=0)),
             tokenizer.bos_token_id,
         )
         for example, options in zip(task.test, choices)
@@ -192,8 +199,7 @@ def _score_loglik(model, tokenizer, task, formatter, scorer, batch_size) -> Task
 
 
 def _score_generation(model, tokenizer, task, formatter, scorer, batch_size) -> TaskScore:  # noqa: ANN001
-    limit = context_length(model)
-    budget = None if limit is None else limit - task.max_new_tokens
+    budget = _prompt_budget(model, task, task.max_new_tokens)
     prompts = [fit_prompt(formatter.prompt_ids(e.prompt), budget, tokenizer.bos_token_id) for e in task.test]
     generations = generate_greedy(
         model,

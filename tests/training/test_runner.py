@@ -101,6 +101,20 @@ def test_stage_folder_with_other_settings_is_refused(tasks, config, tmp_path):
         run_strategy("sequential_lora", {"r": 8}, "tiny-llama", tasks[:1], config, tmp_path)
 
 
+def test_a_changed_package_default_is_not_silently_reused(tasks, config, tmp_path, monkeypatch):
+    from forgetless.adapters import config as adapter_config
+
+    params = {"r": 2, "num_experts": 2, "top_k": 1}
+    run_strategy("slim", params, "tiny-llama", tasks[:1], config, tmp_path)
+    run_strategy("slim", params, "tiny-llama", tasks[:1], config, tmp_path)  # same defaults: reused
+    slim_defaults = {**adapter_config._KIND_DEFAULTS["slim"], "mask_ratio": 0.5}
+    monkeypatch.setitem(adapter_config._KIND_DEFAULTS, "slim", slim_defaults)
+    with pytest.raises(
+        InputError, match=r"trained with mask_ratio=0.2, but the settings now give mask_ratio=0.5"
+    ):
+        run_strategy("slim", params, "tiny-llama", tasks[:1], config, tmp_path)
+
+
 def test_replay_in_semi_cooperative_is_refused_before_compute(tasks, tmp_path):
     with pytest.raises(InputError) as caught:
         run_strategy("replay", {}, "tiny-llama", tasks, {}, tmp_path, setting="semi_cooperative")

@@ -119,6 +119,30 @@ def _read_done(folder: Path, fingerprint: str) -> dict | None:
     return done
 
 
+def _check_adapter_settings(folder: Path, done: dict, strategy: Any, seed: int) -> None:
+    """A finished stage's saved adapter config must be what the strategy builds today.
+
+    The fingerprint covers the params a user wrote, not the package's defaults behind them: after
+    an upgrade that changes a default (SLIM's mask ratio, say) a reused stage would silently keep
+    the old value. The saved config is the ground truth, so it is compared field by field (the
+    seed aside: continued adapters keep their first stage's).
+    """
+    make_config = getattr(strategy.engine, "config", None)
+    saved_path = folder / str(done.get("artifact", "")) / "forgetless_adapter.json"
+    if make_config is None or not saved_path.is_file():
+        return
+    saved = read_json(saved_path).get("config", {})
+    wanted = make_config(seed).model_dump()
+    changed = sorted(k for k in wanted if k != "seed" and k in saved and saved[k] != wanted[k])
+    if changed:
+        key = changed[0]
+        raise InputError(
+            f"{folder} holds an adapter trained with {key}={saved[key]!r}, but the settings now give "
+            f"{key}={wanted[key]!r} (a changed default?); delete the folder to train again, or choose "
+            "another output folder"
+        )
+
+
 def _result(folder: Path, done: dict, cached: bool) -> StageResult:
     return StageResult(
         stage=done["stage"],
@@ -200,6 +224,8 @@ def run_strategy(
             previous_fingerprint if strategy.engine.uses_previous else "",
         )
         done = _read_done(folder, fingerprint)
+        if done is not None:
+            _check_adapter_settings(folder, done, strategy, config.seed + stage)
         if done is None:
             artifacts = [result.artifact for result in results]
             model = strategy.build(stage, source, artifacts, config.seed)

@@ -47,3 +47,35 @@ def test_ask_unknown_model_exits_2(capsys):
 def test_ask_default_model_says_paris(capsys, default_model):
     assert main(["ask", "What is the capital of France?", "--max-new-tokens", "16"]) == 0
     assert "Paris" in capsys.readouterr().out
+
+
+def test_inspect_reports_identity_share_on_builtin_and_config_tasks(tmp_path, capsys):
+    import yaml
+
+    from forgetless import load_model
+    from forgetless.adapters import AdapterConfig, inject_adapters, save_adapter
+
+    model, _ = load_model("tiny-llama", seed=0)
+    inject_adapters(model, AdapterConfig.slim(r=2, num_experts=2, top_k=1))
+    adapter = save_adapter(model, tmp_path / "adapter", base_model="tiny-llama")
+    assert main(["inspect", str(adapter), "--tasks", "general_commonsense", "--limit", "4", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    share = report["summary"]["general_commonsense"]["identity_share"]
+    assert 0.0 <= share <= 1.0 and report["summary"]["general_commonsense"]["tokens"] > 0
+    records = [{"prompt": f"Code of item {i}?", "answer": f"K{i}"} for i in range(6)]
+    (tmp_path / "codes.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    config = {"name": "c", "model": "tiny-llama", "tasks": [{"name": "codes", "test": "codes.jsonl"}],
+              "methods": [{"name": "slim", "strategy": "slim"}]}  # fmt: skip
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    argv = [
+        "inspect",
+        str(adapter),
+        "--config",
+        str(tmp_path / "c.yaml"),
+        "--tasks",
+        "codes,general_capitals",
+    ]
+    assert main([*argv, "--limit", "4", "--json"]) == 0
+    assert list(json.loads(capsys.readouterr().out)["summary"]) == ["codes", "general_capitals"]
+    assert main(["inspect", str(adapter), "--config", str(tmp_path / "c.yaml"), "--tasks", "cods"]) == 2
+    assert "unknown task or suite 'cods'" in capsys.readouterr().err

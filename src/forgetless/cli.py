@@ -332,18 +332,41 @@ def _inspect_args(parser: argparse.ArgumentParser) -> None:
         "--tasks", default="general", help="comma-separated tasks or suites whose prompts are routed"
     )
     parser.add_argument("--limit", type=int, default=32, help="prompts per task")
+    parser.add_argument(
+        "--config",
+        default=None,
+        help="an experiment YAML whose tasks (sequence and general) --tasks may name",
+    )
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override for --config (repeatable)"
+    )
     parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
 
 
 @command("inspect", "SLIM routing diagnostics: identity-expert share, expert load, distances per layer", _inspect_args,
-         epilog="example:\n  forgetless inspect runs/demo/methods/slim/stage-2-glorp_arithmetic/adapter --tasks general,kelvar_dates")  # fmt: skip
+         epilog="""examples:
+  forgetless inspect runs/demo/methods/slim/stage-2-glorp_arithmetic/adapter --tasks general,kelvar_dates
+  forgetless inspect runs/slim_multidataset/methods/slim/stage-0-openbookqa+social_i_qa+boolq/adapter \\
+      --config examples/slim_multidataset.yaml --set data_dir=../shared/data --tasks openbookqa,general""")  # fmt: skip
 def cmd_inspect(args: argparse.Namespace) -> int:
     import json
 
-    from forgetless.experiment.inspect import inspect_adapter
+    from forgetless.experiment.inspect import inspect_adapter, resolve_tasks
 
     names = [name.strip() for name in args.tasks.split(",") if name.strip()]
-    report = inspect_adapter(args.adapter, names, model_spec=args.model, limit=args.limit)
+    config_tasks = None
+    if args.config:
+        from forgetless.config import load_config
+        from forgetless.experiment.runner import load_tasks
+
+        config = load_config(args.config, args.set)
+        sequence, general = load_tasks(config)
+        config_tasks = sequence + general
+    elif args.set:
+        raise InputError("--set overrides a --config; give --config CONFIG.yaml")
+    report = inspect_adapter(
+        args.adapter, resolve_tasks(names, config_tasks), model_spec=args.model, limit=args.limit
+    )
     if args.json:
         print(json.dumps(report, indent=2))
         return 0

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from forgetless.data.task import Task
 from forgetless.errors import InputError
 
 
@@ -36,27 +37,53 @@ def _batches(tokenizer: Any, prompts: list[str], batch_size: int = 8) -> list[di
     return batches
 
 
+def resolve_tasks(names: list[str], config_tasks: list[Task] | None = None, seed: int = 0) -> list[Task]:
+    """Task and suite names -> tasks: an experiment config's tasks (sequence and general) by name
+    first, then the built-in tasks and suites."""
+    from forgetless.tasks import expand_task_names, get_task
+
+    known = {task.name: task for task in config_tasks or []}
+    resolved = []
+    for name in names:
+        if name in known:
+            resolved.append(known[name])
+        else:
+            try:
+                resolved.extend(get_task(n, seed) for n in expand_task_names([name]))
+            except InputError as error:
+                if known:
+                    raise InputError(f"{error}; the config's tasks: {', '.join(known)}") from None
+                raise
+    return resolved
+
+
 def inspect_adapter(
-    adapter: str | Path, task_names: list[str], model_spec: str | None = None, limit: int = 32, seed: int = 0
+    adapter: str | Path,
+    tasks: list[str | Task],
+    model_spec: str | None = None,
+    limit: int = 32,
+    seed: int = 0,
 ) -> dict[str, Any]:
-    """Routing diagnostics of ``adapter`` on the test prompts of each task (built-in names or suites)."""
+    """Routing diagnostics of ``adapter`` on the test prompts of each task (``Task`` objects, or
+    built-in task and suite names)."""
     from forgetless.adapters import load_adapter
     from forgetless.adapters.diagnostics import routing_diagnostics
     from forgetless.models import load_model
-    from forgetless.tasks import expand_task_names, get_task
 
     manifest = Path(adapter) / "forgetless_adapter.json"
     if not manifest.exists():
         raise InputError(f"{adapter} is not a forgetless adapter folder (no forgetless_adapter.json)")
-    names = expand_task_names(task_names)
+    resolved = [t for t in tasks if isinstance(t, Task)]
+    resolved += resolve_tasks([t for t in tasks if isinstance(t, str)], seed=seed)
     base = model_spec or json.loads(manifest.read_text(encoding="utf-8")).get("base_model")
     if not base:
         raise InputError(f"{manifest} records no base model; pass --model")
     model, tokenizer = load_model(base, seed=seed)
     load_adapter(model, adapter)
     report: dict[str, Any] = {"adapter": str(adapter), "model": base, "summary": {}, "tasks": {}}
-    for name in names:
-        task = get_task(name, seed).limited(None, limit, seed)
+    for task in resolved:
+        name = task.name
+        task = task.limited(None, limit, seed)
         result = routing_diagnostics(model, _batches(tokenizer, [e.prompt for e in task.test]))
         report["summary"][name] = {"identity_share": result["identity_share"], "tokens": result["tokens"]}
         report["tasks"][name] = {

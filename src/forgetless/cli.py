@@ -346,7 +346,7 @@ def _inspect_args(parser: argparse.ArgumentParser) -> None:
 @command("inspect", "SLIM routing diagnostics: identity-expert share, expert load, distances per layer", _inspect_args,
          epilog="""examples:
   forgetless inspect runs/demo/methods/slim/stage-2-glorp_arithmetic/adapter --tasks general,kelvar_dates
-  forgetless inspect runs/slim_multidataset/methods/slim/stage-0-openbookqa+social_i_qa+boolq/adapter \\
+  forgetless inspect runs/slim_multidataset/methods/slim/stage-0-openbookqa_social_i_qa_boolq/adapter \\
       --config examples/slim_multidataset.yaml --set data_dir=../shared/data --tasks openbookqa,general""")  # fmt: skip
 def cmd_inspect(args: argparse.Namespace) -> int:
     import json

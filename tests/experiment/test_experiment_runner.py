@@ -141,3 +141,31 @@ def test_variants_and_validation_runs_reuse_the_trained_stages(tmp_path):
     assert (out / "validation" / "results.json").exists() and (out / "results.json").exists()
     assert validation["methods"]["slim"]["matrix"][0] is not None
     assert json.loads((out / "results.json").read_text())["run"]["evaluation"]["split"] == "test"
+
+
+def test_a_changed_inference_default_rescores_the_reused_stage(tmp_path, monkeypatch):
+    """After a package default of an inference-only setting changes (SLIM's mask ratio), a rerun
+    reuses the trained stage but scores it anew with the new value, not from the old cache."""
+    from forgetless.adapters import config as adapter_config
+
+    slim = {"r": 2, "alpha": 4, "num_experts": 2, "top_k": 1}
+    data = {
+        **CONFIG,
+        "tasks": ["kelvar_dates"],
+        "methods": [
+            {"name": "slim", "strategy": "slim", "params": slim},
+            {"name": "slim_p0.7", "variant": {"of": "slim", "adapter": {"mask_ratio": 0.7}}},
+        ],
+    }
+    out = tmp_path / "run"
+    first = scores(run_experiment(validate_config(data), out))
+    stage = out / "methods" / "slim" / "stage-0-kelvar_dates"
+    trained = (stage / "done.json").stat().st_mtime_ns
+    assert len(list(stage.glob("eval-*.json"))) == 1
+    monkeypatch.setitem(
+        adapter_config._KIND_DEFAULTS, "slim", {**adapter_config._KIND_DEFAULTS["slim"], "mask_ratio": 0.7}
+    )
+    second = scores(run_experiment(validate_config(data), out))
+    assert (stage / "done.json").stat().st_mtime_ns == trained  # reused, not retrained
+    assert len(list(stage.glob("eval-*.json"))) == 2  # scored again under the new default
+    assert second["slim"] == first["slim_p0.7"]

@@ -107,13 +107,49 @@ def test_a_changed_package_default_is_not_silently_reused(tasks, config, tmp_pat
     params = {"r": 2, "num_experts": 2, "top_k": 1}
     run_strategy("slim", params, "tiny-llama", tasks[:1], config, tmp_path)
     run_strategy("slim", params, "tiny-llama", tasks[:1], config, tmp_path)  # same defaults: reused
-    old = adapter_config._KIND_DEFAULTS["slim"]["mask_ratio"]
-    slim_defaults = {**adapter_config._KIND_DEFAULTS["slim"], "mask_ratio": 0.5}
+    old = adapter_config._KIND_DEFAULTS["slim"]["l1_weight"]
+    slim_defaults = {**adapter_config._KIND_DEFAULTS["slim"], "l1_weight": 0.5}
     monkeypatch.setitem(adapter_config._KIND_DEFAULTS, "slim", slim_defaults)
     with pytest.raises(
-        InputError, match=rf"trained with mask_ratio={old}, but the settings now give mask_ratio=0.5"
+        InputError, match=rf"trained with l1_weight={old}, but the settings now give l1_weight=0.5"
     ):
         run_strategy("slim", params, "tiny-llama", tasks[:1], config, tmp_path)
+
+
+def test_a_changed_inference_default_is_applied_to_the_reused_stage(tasks, config, tmp_path, monkeypatch):
+    """Masking is inference-only, so a stage saved with another mask ratio is what today's settings
+    train: it is reused (no training), scored with today's ratio, and flagged for score caches."""
+    from forgetless.adapters import adapter_layers
+    from forgetless.adapters import config as adapter_config
+
+    params = {"r": 2, "num_experts": 2, "top_k": 1}
+    seen = []
+
+    def record(stage, model, tokenizer):
+        ratios = {layer.config.mask_ratio for layer in adapter_layers(model).values()}
+        seen.append((ratios, getattr(model, runner_module.REAPPLIED_ATTR, None), _probe(model, tokenizer)))
+
+    run_strategy("slim", params, "tiny-llama", tasks[:1], config, tmp_path, on_stage_end=record)
+    old = adapter_config._KIND_DEFAULTS["slim"]["mask_ratio"]
+    slim_defaults = {**adapter_config._KIND_DEFAULTS["slim"], "mask_ratio": 0.7}
+    monkeypatch.setitem(adapter_config._KIND_DEFAULTS, "slim", slim_defaults)
+
+    def must_not_train(*args, **kwargs):
+        raise AssertionError("a stage that trains the same today was trained again")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(runner_module, "train_model", must_not_train)
+        results = run_strategy("slim", params, "tiny-llama", tasks[:1], config, tmp_path, on_stage_end=record)
+    assert results[0].cached
+    assert seen[0][:2] == ({old}, None)
+    assert seen[1][:2] == ({0.7}, {"mask_ratio": 0.7})
+    assert not torch.equal(seen[0][2], seen[1][2])  # the new ratio is really applied
+
+    # a fresh run trained under the new default gives the same scores as the reused stage
+    fresh = []
+    run_strategy("slim", params, "tiny-llama", tasks[:1], config, tmp_path / "fresh",
+                 on_stage_end=lambda i, m, t: fresh.append(_probe(m, t)))  # fmt: skip
+    torch.testing.assert_close(fresh[0], seen[1][2], rtol=0, atol=0)
 
 
 def test_replay_in_semi_cooperative_is_refused_before_compute(tasks, tmp_path):

@@ -169,6 +169,7 @@ class Runner:
 
     def run_strategy_method(self, method: MethodSpec) -> dict[str, Any]:
         from forgetless.training import run_strategy, stage_folder
+        from forgetless.training.runner import REAPPLIED_ATTR
 
         folder = self.out / "methods" / method.name
         rows: dict[int, dict[str, Any]] = {}
@@ -185,12 +186,18 @@ class Runner:
         def on_stage_end(stage: int, model: torch.nn.Module, tokenizer: Any) -> None:
             when = f"after stage {stage + 1}/{len(self.stages)} ({self.stages[stage].name})"
             target = stage_folder(folder, stage, self.stages[stage].name)
+            key: list[Any] = [identity, stage]
+            # reused stages saved under older inference-time defaults are scored with today's
+            # values: cached scores of the old values must not be taken for them
+            reapplied = getattr(model, REAPPLIED_ATTR, None)
+            if reapplied:
+                key.append({"reapplied": reapplied})
             if method.evaluate:
                 what = f"{method.name} {when}"
-                rows[stage] = self.evaluate(target, [identity, stage], lambda: (model, tokenizer), what)
+                rows[stage] = self.evaluate(target, key, lambda: (model, tokenizer), what)
             for variant in variants:
                 variant_rows[variant.name][stage] = self.evaluate_variant(
-                    variant, target.name, [identity, stage], model, tokenizer, when
+                    variant, target.name, key, model, tokenizer, when
                 )
 
         start = time.perf_counter()

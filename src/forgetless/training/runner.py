@@ -119,28 +119,45 @@ def _read_done(folder: Path, fingerprint: str) -> dict | None:
     return done
 
 
-def _check_adapter_settings(folder: Path, done: dict, strategy: Any, seed: int) -> None:
+#: Adapter fields that decide only how a trained adapter is applied while masking is
+#: inference-only (``mask_in_training`` off): a stage saved with other values is still what today's
+#: settings would train, so it is reused and the current values are applied when it is loaded.
+APPLY_ONLY_FIELDS = ("mask_ratio", "merge_scale")
+#: Attribute set on a model handed to ``on_stage_end`` when reused stages got current values of
+#: ``APPLY_ONLY_FIELDS`` (a dict of them): callers that cache scores must key on it.
+REAPPLIED_ATTR = "forgetless_reapplied_options"
+
+
+def _check_adapter_settings(folder: Path, done: dict, strategy: Any, seed: int) -> dict[str, Any]:
     """A finished stage's saved adapter config must be what the strategy builds today.
 
     The fingerprint covers the params a user wrote, not the package's defaults behind them: after
     an upgrade that changes a default (SLIM's mask ratio, say) a reused stage would silently keep
     the old value. The saved config is the ground truth, so it is compared field by field (the
     seed aside: continued adapters keep their first stage's).
+
+    Returns:
+        The ``APPLY_ONLY_FIELDS`` that differ, with today's values, to apply on load; any other
+        difference is an ``InputError`` (the stage would train differently today).
     """
     make_config = getattr(strategy.engine, "config", None)
     saved_path = folder / str(done.get("artifact", "")) / "forgetless_adapter.json"
     if make_config is None or not saved_path.is_file():
-        return
+        return {}
     saved = read_json(saved_path).get("config", {})
     wanted = make_config(seed).model_dump()
     changed = sorted(k for k in wanted if k != "seed" and k in saved and saved[k] != wanted[k])
-    if changed:
-        key = changed[0]
+    inference_only = not saved.get("mask_in_training") and not wanted.get("mask_in_training")
+    apply = {k: wanted[k] for k in changed if inference_only and k in APPLY_ONLY_FIELDS}
+    retrain = [k for k in changed if k not in apply]
+    if retrain:
+        key = retrain[0]
         raise InputError(
             f"{folder} holds an adapter trained with {key}={saved[key]!r}, but the settings now give "
             f"{key}={wanted[key]!r} (a changed default?); delete the folder to train again, or choose "
             "another output folder"
         )
+    return apply
 
 
 def _result(folder: Path, done: dict, cached: bool) -> StageResult:
@@ -211,6 +228,7 @@ def run_strategy(
     accelerator = make_accelerator(config.mixed_precision)
     results: list[StageResult] = []
     previous_fingerprint = ""
+    reapplied: dict[str, Any] = {}  # APPLY_ONLY_FIELDS of reused stages, today's values
     for stage, task in enumerate(tasks):
         folder = stage_folder(out_dir, stage, task.name)
         data_fingerprints = [tasks[index].fingerprint() for index in strategy.data_tasks(stage)]
@@ -225,7 +243,7 @@ def run_strategy(
         )
         done = _read_done(folder, fingerprint)
         if done is not None:
-            _check_adapter_settings(folder, done, strategy, config.seed + stage)
+            reapplied.update(_check_adapter_settings(folder, done, strategy, config.seed + stage))
         if done is None:
             artifacts = [result.artifact for result in results]
             model = strategy.build(stage, source, artifacts, config.seed)
@@ -271,6 +289,11 @@ def run_strategy(
         previous_fingerprint = fingerprint
         if on_stage_end is not None and accelerator.is_main_process:
             model = strategy.load(stage, source, [r.artifact for r in results])
+            if reapplied:
+                from forgetless.adapters import set_inference_options
+
+                set_inference_options(model, **reapplied)
+                setattr(model, REAPPLIED_ATTR, dict(reapplied))
             on_stage_end(stage, model, source.tokenizer)
             del model
     return results

@@ -160,8 +160,10 @@ def test_a_changed_inference_default_rescores_the_reused_stage(tmp_path, monkeyp
     out = tmp_path / "run"
     first = scores(run_experiment(validate_config(data), out))
     stage = out / "methods" / "slim" / "stage-0-kelvar_dates"
+    variant = out / "methods" / "slim_p0.7" / "stage-0-kelvar_dates"
     trained = (stage / "done.json").stat().st_mtime_ns
     assert len(list(stage.glob("eval-*.json"))) == 1
+    variant_cache = sorted(variant.glob("eval-*.json"))
     monkeypatch.setitem(
         adapter_config._KIND_DEFAULTS, "slim", {**adapter_config._KIND_DEFAULTS["slim"], "mask_ratio": 0.7}
     )
@@ -169,3 +171,5 @@ def test_a_changed_inference_default_rescores_the_reused_stage(tmp_path, monkeyp
     assert (stage / "done.json").stat().st_mtime_ns == trained  # reused, not retrained
     assert len(list(stage.glob("eval-*.json"))) == 2  # scored again under the new default
     assert second["slim"] == first["slim_p0.7"]
+    # the variant sets the mask ratio itself: its cached scores still hold and are kept
+    assert sorted(variant.glob("eval-*.json")) == variant_cache and second["slim_p0.7"] == first["slim_p0.7"]

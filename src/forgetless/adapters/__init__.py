@@ -27,6 +27,7 @@ from forgetless.adapters.lora import LoRALinear
 from forgetless.adapters.masking import structured_dare_masks
 from forgetless.adapters.moe import build_lora_moe
 from forgetless.adapters.persist import export_peft_lora, load_adapter, save_adapter
+from forgetless.adapters.pooling import PromptPool, reorder_sequence_state, uses_sequence_state
 from forgetless.adapters.slim import MixtureLinear
 
 __all__ = [
@@ -38,6 +39,7 @@ __all__ = [
     "AdapterLayer",
     "LoRALinear",
     "MixtureLinear",
+    "PromptPool",
     "SlidingClusters",
     "adapter_layers",
     "adapter_regularization",
@@ -50,9 +52,11 @@ __all__ = [
     "lora_factors",
     "merge_adapters",
     "remove_adapters",
+    "reorder_sequence_state",
     "routing_diagnostics",
     "save_adapter",
     "set_inference_options",
     "structured_dare_masks",
     "trainable_parameters",
+    "uses_sequence_state",
 ]

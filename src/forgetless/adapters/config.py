@@ -108,6 +108,17 @@ class AdapterConfig(BaseModel):
         ge=0,
         description="weight-yielding scale gamma added times the distance to identity logits (slim: 1)",
     )
+    yield_pooling: Literal["token", "prompt"] = Field(
+        "token",
+        description="what drives weight yielding: each token's own d(x) (token, the paper), or the running "
+        "mean of d over the sequence's tokens so far, z-scored against the training sequences (prompt)",
+    )
+    yield_skip: int = Field(
+        0,
+        ge=0,
+        description="prompt pooling: leading tokens of every sequence left out of the mean (the chat "
+        "template's fixed prefix, the same for every prompt; PromptFormatter(tokenizer).template_prefix_length() gives it)",
+    )
     mask_ratio: float | None = Field(
         None, ge=0, lt=1, description="dynamic-merging mask ratio p: dropped fraction of each B A (slim: 0.4)"
     )
@@ -153,6 +164,8 @@ class AdapterConfig(BaseModel):
                     )
             if self.yield_scale or self.mask_ratio:
                 raise ValueError("kind lora has no yielding or masking; use kind slim")
+        if self.yield_pooling == "prompt" and not self.num_identity_experts:
+            raise ValueError("yield_pooling prompt needs identity experts to yield to; use kind slim")
         total = self.num_experts + self.num_identity_experts
         if self.top_k > total:
             raise ValueError(f"top_k: {self.top_k} is more than the {total} experts; lower top_k")

@@ -30,6 +30,7 @@ from forgetless.adapters.clustering import SlidingClusters
 from forgetless.adapters.config import AdapterConfig
 from forgetless.adapters.inference import InferencePlan, build_plan, inference_update
 from forgetless.adapters.masking import masked_experts, structured_dare_masks
+from forgetless.adapters.pooling import PromptPool
 
 # From this many tokens on, experts run only on their routed tokens (K / E_l of the dense
 # work); below it, one dense product over all experts costs fewer operator calls.
@@ -88,6 +89,12 @@ class MixtureLinear(AdapterLayer):
             if config.uses_clustering
             else None
         )
+        # prompt-level yielding (pooling.py): the running mean of d over each sequence drives it
+        self.pool = (
+            PromptPool(config.yield_skip, config.cluster_momentum)
+            if self.clusters is not None and config.yield_pooling == "prompt"
+            else None
+        )
         # 0 for LoRA experts, 1 for identity experts: where the yielding shift is added
         identity_columns = torch.zeros(config.num_total_experts, dtype=dtype, device=device)
         identity_columns[config.num_experts :] = 1.0
@@ -125,13 +132,20 @@ class MixtureLinear(AdapterLayer):
             self._eval_router = (key, torch.cat([self.router, constants.cross]))
         return self._eval_router[1]
 
-    def route(self, x: Tensor, token_mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    def route(
+        self, x: Tensor, token_mask: Tensor | None, leading: torch.Size | None = None
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
         """Routing weights of every expert for every token.
+
+        Args:
+            x: (T, d_in) tokens; token_mask: (T,) bool or None; leading: the input's shape
+                before flattening, (B, L) (needed by prompt pooling; default one sequence).
 
         Returns:
             weights (T, E_l + E_id): softmax over each token's top-K corrected logits, 0 elsewhere;
             logits (T, E_l + E_id) before top-K; chosen (T, K) expert indices; distance (T,) the
-            calibrated ``d(x)`` (None without clustering).
+            yielding signal: the calibrated ``d(x)``, or its pooled z-score with prompt pooling
+            (None without clustering).
         """
         distance = None
         if self.clusters is None:
@@ -149,6 +163,9 @@ class MixtureLinear(AdapterLayer):
                 )
                 cross = cross.detach()
             distance, _ = self.clusters(x.detach(), token_mask, learn=self.training, cross_term=cross)
+            if self.pool is not None:
+                shape = leading if leading is not None else torch.Size([x.shape[0]])
+                distance = self.pool(distance, shape, self.context, learn=self.training)
             # Eq. 4: identity experts' logits grow with the distance from the fine-tuning data,
             # so tokens that look out of distribution yield to the base layer.
             logits = torch.addcmul(
@@ -230,7 +247,7 @@ class MixtureLinear(AdapterLayer):
             update = inference_update(self, self._inference_plan(), tokens)
             return result + update.view(*leading, self.out_features).to(result.dtype)
         token_mask = self.context.token_mask(leading)
-        weights, logits, chosen, distance = self.route(tokens, token_mask)
+        weights, logits, chosen, distance = self.route(tokens, token_mask, leading)
         a, b, scales = self._cached_expert_factors()
         inputs = self.dropout(tokens) if self.config.dropout > 0 else tokens
         if tokens.shape[0] >= _SPARSE_MIN_TOKENS and self.config.top_k < self.config.num_experts:
@@ -246,6 +263,8 @@ class MixtureLinear(AdapterLayer):
     def _use_inference_plan(self, tokens: Tensor) -> bool:
         """Few tokens at inference without autograd or diagnostics: the folded path (inference.py)."""
         if self.training or self.recorder is not None or torch.is_grad_enabled():
+            return False
+        if self.pool is not None:  # the folded path shifts logits by each token's own distance
             return False
         if tokens.shape[0] >= _SPARSE_MIN_TOKENS or self.config.router_input_norm:
             return False

@@ -100,6 +100,16 @@ class PromptFormatter:
             ids = self.tokenizer(prompt, add_special_tokens=True).input_ids
         return ids
 
+    def template_prefix_length(self) -> int:
+        """Leading tokens that every formatted prompt shares (the chat template's system turn and
+        user header; 0 for plain style without BOS): what SLIM's prompt pooling skips
+        (``AdapterConfig.yield_skip``)."""
+        first, second = self.prompt_ids("1 alpha"), self.prompt_ids("2 beta")
+        length = 0
+        while length < min(len(first), len(second)) and first[length] == second[length]:
+            length += 1
+        return length
+
     def answer_ids(self, prompt: str, answer: str) -> list[int]:
         """Token ids of the answer as it continues this prompt (no end-of-turn)."""
         if self.style == "plain" and prompt and not prompt[-1].isspace() and not answer[:1].isspace():

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from forgetless.adapters.pooling import reorder_sequence_state, uses_sequence_state
 from forgetless.compat import cache_kwargs, output_cache
 
 
@@ -132,6 +133,7 @@ def generate_greedy(
             if len(still_running) < len(active):
                 keep = torch.tensor(still_running, device=device)
                 cache.reorder_cache(keep)
+                reorder_sequence_state(model, keep)
                 attention_mask, next_position = attention_mask[keep], next_position[keep]
                 next_tokens = next_tokens[keep]
                 active = [active[row] for row in still_running]
@@ -276,6 +278,7 @@ def _cached_batch(
     totals = first * continuation_mask[:, 0]
     if longest > 1:
         cache.reorder_cache(row_question)
+        reorder_sequence_state(model, row_question)
         attention_mask = torch.cat([prompt_mask[row_question], continuation_mask], dim=1)
         choice_positions = positions[row_question, -1:] + 1 + torch.arange(longest, device=device)
         # only the first longest-1 tokens need a forward: the last token predicts nothing we score
@@ -324,12 +327,15 @@ def choice_loglikelihoods(
     if any(len(prompt) == 0 for prompt in prompts):
         raise ValueError("every prompt needs at least one token (its last token predicts the choices)")
     keep_logits = _accepts_logits_to_keep(model)
+    # a packed row holds several sequences (the prompt and each choice); prompt-pooling adapters
+    # carry a running mean along a row, which would mix them: they take the KV-cache route
+    sequence_state = uses_sequence_state(model)
     sizes = [len(p) + sum(len(c) for c in options) for p, options in zip(prompts, choices)]
     results: list[list[float]] = [[] for _ in prompts]
     for batch in _length_order(sizes, batch_size):
         batch_prompts = [prompts[i] for i in batch]
         batch_choices = [choices[i] for i in batch]
-        use_packed = (
+        use_packed = not sequence_state and (
             packed if packed is not None else _packed_attention_ok(model, max(sizes[i] for i in batch))
         )
         route = _packed_batch if use_packed else _cached_batch

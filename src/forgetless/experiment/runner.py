@@ -186,18 +186,21 @@ class Runner:
         def on_stage_end(stage: int, model: torch.nn.Module, tokenizer: Any) -> None:
             when = f"after stage {stage + 1}/{len(self.stages)} ({self.stages[stage].name})"
             target = stage_folder(folder, stage, self.stages[stage].name)
-            key: list[Any] = [identity, stage]
             # reused stages saved under older inference-time defaults are scored with today's
-            # values: cached scores of the old values must not be taken for them
-            reapplied = getattr(model, REAPPLIED_ATTR, None)
-            if reapplied:
-                key.append({"reapplied": reapplied})
+            # values: cached scores of the old values must not be taken for them (a variant that
+            # sets a value itself is not affected by it)
+            reapplied = getattr(model, REAPPLIED_ATTR, None) or {}
+
+            def key(overrides: dict[str, Any]) -> list[Any]:
+                stale = {k: v for k, v in reapplied.items() if k not in overrides}
+                return [identity, stage] + ([{"reapplied": stale}] if stale else [])
+
             if method.evaluate:
                 what = f"{method.name} {when}"
-                rows[stage] = self.evaluate(target, key, lambda: (model, tokenizer), what)
+                rows[stage] = self.evaluate(target, key({}), lambda: (model, tokenizer), what)
             for variant in variants:
                 variant_rows[variant.name][stage] = self.evaluate_variant(
-                    variant, target.name, key, model, tokenizer, when
+                    variant, target.name, key(variant.variant.adapter), model, tokenizer, when
                 )
 
         start = time.perf_counter()

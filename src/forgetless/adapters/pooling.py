@@ -1,0 +1,124 @@
+"""Prompt-level weight yielding: the running mean of ``d(x)`` over a sequence, z-scored.
+
+Why it exists (docs/results.md, "Routing"): on SmolLM2-135M after protocol A, a token's own
+distance ``d(x)`` does not tell general prompts from in-domain ones (token AUC 0.49, averaged over
+the adapted layers), so token-level yielding routed both alike. The mean of ``d`` over a prompt's
+own tokens does (AUC 0.999), once the chat template's fixed prefix is left out: it is identical for
+every prompt and outweighs the content of short prompts. No library implements this; it is our
+extension of SLIM's Eq. 4, opt-in through ``AdapterConfig.yield_pooling = "prompt"``.
+
+At position ``t`` of a row the signal is ``z_t = (mean_{s <= t, s content} d_s - mu) / sigma``,
+where content tokens are the real (unpadded) tokens after the first ``yield_skip``, and ``mu``,
+``sigma`` are running statistics of the per-sequence means of the training batches (learned in
+train mode, frozen in eval mode). The mean is causal, so one forward over a whole sequence and a
+prefill followed by token-by-token decoding with a KV cache give the same signal: the layer keeps
+per-row running sums between the forwards of one sequence. Code that reorders or drops the rows of
+a KV cache must reorder this state too (``reorder_sequence_state``); the evaluation loops do.
+
+A forward without past tokens (its attention mask no longer than its input) starts new sequences.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from forgetless.adapters.base import TokenContext
+
+_EPS = 1e-6
+
+
+class PromptPool(nn.Module):
+    """Running per-row mean of the calibrated distance, z-scored against training sequences.
+
+    Buffers (saved with the adapter): ``sequence_mean``, ``sequence_square`` (running first and
+    second moments of the training sequences' mean distance), ``batches`` (training batches seen;
+    the running average is exact for the first ``1 / (1 - momentum)`` batches, an EMA after).
+    """
+
+    def __init__(self, skip: int, momentum: float) -> None:
+        super().__init__()
+        self.skip = skip
+        self.momentum = momentum
+        self.register_buffer("sequence_mean", torch.zeros(()))
+        self.register_buffer("sequence_square", torch.ones(()))
+        self.register_buffer("batches", torch.zeros((), dtype=torch.long))
+        # per row of the current sequences: real tokens seen, sum and count of content distances
+        self.state: tuple[Tensor, Tensor, Tensor] | None = None
+
+    def reorder(self, index: Tensor) -> None:
+        """Keep/repeat rows as a KV cache's ``reorder_cache(index)`` does."""
+        if self.state is not None:
+            self.state = tuple(part.index_select(0, index.to(part.device)) for part in self.state)
+
+    def _rows(self, leading: torch.Size, context: TokenContext) -> tuple[Tensor, Tensor | None, int]:
+        """(B, L) real-token mask of this forward, and the rows' running state and past length."""
+        batch, length = (1, leading[0]) if len(leading) == 1 else (leading[0], leading[1])
+        if len(leading) > 2:
+            raise ValueError(f"prompt pooling needs (batch, seq) inputs, got leading shape {tuple(leading)}")
+        mask = context.attention_mask
+        if mask is None or mask.shape[0] != batch or mask.shape[1] < length:
+            return torch.ones(batch, length, dtype=torch.bool), None, 0
+        past = mask.shape[1] - length
+        return mask[:, past:].bool(), mask, past
+
+    @torch.no_grad()
+    def forward(self, distance: Tensor, leading: torch.Size, context: TokenContext, learn: bool) -> Tensor:
+        """(T,) calibrated distances of this forward's tokens -> (T,) pooled, z-scored signal."""
+        real, _, past = self._rows(leading, context)
+        batch, length = real.shape
+        real = real.to(distance.device)
+        d = distance.float().view(batch, length)
+        if past == 0 or self.state is None:
+            if past > 0:
+                raise RuntimeError(
+                    "prompt pooling: a forward continues a KV cache, but this layer holds no running "
+                    "state (the prefill ran elsewhere); run the prompt through the same model first"
+                )
+            zeros = d.new_zeros(batch)
+            seen, total, count = zeros, zeros, zeros
+        else:
+            seen, total, count = self.state
+            if seen.shape[0] != batch:
+                raise RuntimeError(
+                    f"prompt pooling: {seen.shape[0]} running rows but a batch of {batch}; after "
+                    "cache.reorder_cache(index) call forgetless.adapters.reorder_sequence_state(model, index)"
+                )
+        realf = real.float()
+        rank = seen[:, None] + realf.cumsum(1)  # 1-based rank of each token among its row's real tokens
+        content = (real & (rank > self.skip)).float()
+        totals = total[:, None] + (d * content).cumsum(1)
+        counts = count[:, None] + content.cumsum(1)
+        means = totals / counts.clamp_min(1)
+        self.state = (rank[:, -1].clone(), totals[:, -1].clone(), counts[:, -1].clone())
+        if learn:
+            finished = means[:, -1][counts[:, -1] > 0]
+            if finished.numel():
+                self._update(finished)
+        sigma = (self.sequence_square - self.sequence_mean**2).clamp_min(_EPS).sqrt()
+        z = (means - self.sequence_mean) / sigma
+        return torch.where(counts > 0, z, torch.zeros_like(z)).reshape(-1).to(distance.dtype)
+
+    def _update(self, row_means: Tensor) -> None:
+        # an exact running average at first (the distance's own statistics move most early in
+        # training), an EMA with the clusters' momentum once 1 / (1 - momentum) batches were seen
+        n = int(self.batches)
+        m = min(self.momentum, n / (n + 1))
+        self.sequence_mean.mul_(m).add_((1 - m) * row_means.mean())
+        self.sequence_square.mul_(m).add_((1 - m) * row_means.pow(2).mean())
+        self.batches.add_(1)
+
+
+def reorder_sequence_state(model: nn.Module, index: Tensor) -> None:
+    """Reorder the running rows of every prompt-pooling layer as ``cache.reorder_cache(index)``
+    reorders a KV cache (drop finished rows, repeat a prompt's row per choice). A no-op for models
+    without prompt pooling."""
+    for module in model.modules():
+        if isinstance(module, PromptPool):
+            module.reorder(index)
+
+
+def uses_sequence_state(model: nn.Module) -> bool:
+    """Whether ``model`` has prompt-pooling layers (whose signal depends on the earlier tokens of a
+    row: packed multi-sequence rows would mix them)."""
+    return any(isinstance(module, PromptPool) for module in model.modules())

@@ -7,14 +7,15 @@ On SmolLM2-135M-Instruct, batch 8 x 64 tokens, all in one process and interleave
 
 1. forward+backward time of PEFT LoRA r16 on gate/up/down (the peer), our LoRA, MoE-LoRA 8 x r16
    top-2 and SLIM 8+2 experts r16 top-2;
-2. greedy generation tokens/s of the base model, a merged LoRA and SLIM (batch 1 and batch 8);
+2. greedy generation tokens/s of the base model, a merged LoRA, SLIM and SLIM with prompt-level
+   yielding (batch 1 and batch 8);
 3. for each distance reduction (max / quantile / mean): a short SLIM training run on a built-in
    task (answer-only loss), then the identity share on held-out in-task prompts vs the general
    suite's prompts (routing_diagnostics), and a token-level AUC of the calibrated distance.
 
 JSON keys: lora_step_vs_peft_lora, moe_lora_step_vs_peft_lora, slim_step_vs_peft_lora (time
-ratios, lower is faster), slim_generation_vs_base, merged_lora_generation_vs_base (throughput
-ratios, batch 1; *_batch8 likewise), identity_share_{task,general}_{reduction},
+ratios, lower is faster), slim_generation_vs_base, slim_prompt_generation_vs_base,
+merged_lora_generation_vs_base (throughput ratios, batch 1; *_batch8 likewise), identity_share_{task,general}_{reduction},
 identity_gap_{reduction}, distance_auc_{reduction}, best_reduction, plus absolute times as context.
 """
 
@@ -112,9 +113,14 @@ def _generation_models(base):
     slim = copy.deepcopy(base)
     inject_adapters(slim, AdapterConfig.slim(r=16))
     _perturb(slim)
-    for model in (merged, slim):
+    # prompt pooling cannot take the folded few-token inference path (each token's shift depends
+    # on the row's earlier tokens): its decoding cost is measured separately
+    slim_prompt = copy.deepcopy(base)
+    inject_adapters(slim_prompt, AdapterConfig.slim(r=16, yield_pooling="prompt", yield_skip=24))
+    _perturb(slim_prompt)
+    for model in (merged, slim, slim_prompt):
         model.eval()
-    return {"base": base, "merged_lora": merged, "slim": slim}
+    return {"base": base, "merged_lora": merged, "slim": slim, "slim_prompt": slim_prompt}
 
 
 def _perturb(model) -> None:
@@ -156,13 +162,15 @@ def bench_generation(base, tokenizer, repeats: int, new_tokens: int) -> dict[str
         rates: dict[str, list[float]] = {name: [] for name in models}
         for round_index in range(repeats):
             names = list(models)
-            order = names[round_index % 3 :] + names[: round_index % 3]
+            shift = round_index % len(names)
+            order = names[shift:] + names[:shift]
             for name in order:
                 rates[name].append(_generate(models[name], input_ids, attention_mask, new_tokens))
         medians = {name: statistics.median(values) for name, values in rates.items()}
         for name in models:
             result[f"generation_tokens_per_s_{name}{suffix}"] = medians[name]
         result[f"slim_generation_vs_base{suffix}"] = medians["slim"] / medians["base"]
+        result[f"slim_prompt_generation_vs_base{suffix}"] = medians["slim_prompt"] / medians["base"]
         result[f"merged_lora_generation_vs_base{suffix}"] = medians["merged_lora"] / medians["base"]
     return result
 

@@ -15,7 +15,9 @@ prefill followed by token-by-token decoding with a KV cache give the same signal
 per-row running sums between the forwards of one sequence. Code that reorders or drops the rows of
 a KV cache must reorder this state too (``reorder_sequence_state``); the evaluation loops do.
 
-A forward without past tokens (its attention mask no longer than its input) starts new sequences.
+A forward without past tokens (its attention mask no longer than its input), or without an
+attention mask, starts new sequences: decoding with a KV cache must pass the full mask, as
+``generate`` and our loops do.
 """
 
 from __future__ import annotations

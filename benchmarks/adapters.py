@@ -39,6 +39,7 @@ from forgetless.adapters import (
     inject_adapters,
     merge_adapters,
     routing_diagnostics,
+    separation_auc,
     trainable_parameters,
 )
 from forgetless.data.formatting import PromptFormatter
@@ -217,26 +218,6 @@ def _answer_loss(model, batch) -> torch.Tensor:
     return torch.nn.functional.cross_entropy(logits.float(), labels[positions])
 
 
-def _token_auc(in_task: torch.Tensor, general: torch.Tensor) -> float:
-    """P(a general token's distance > an in-task token's), ties counted half (Mann-Whitney)."""
-    values = torch.cat([in_task, general])
-    ranks = torch.empty_like(values)
-    order = values.argsort()
-    ranks[order] = torch.arange(1, len(values) + 1, dtype=values.dtype)
-    # average ranks of ties are not needed for continuous distances; ties are vanishingly rare
-    general_ranks = ranks[len(in_task) :].sum()
-    return float((general_ranks - len(general) * (len(general) + 1) / 2) / (len(general) * len(in_task)))
-
-
-def _shared_prefix(formatter) -> int:
-    """Length of the token prefix every prompt shares (system prompt and user header)."""
-    first, second = formatter.prompt_ids("What is 2 plus 2?"), formatter.prompt_ids("Name a red fruit.")
-    length = 0
-    while length < min(len(first), len(second)) and first[length] == second[length]:
-        length += 1
-    return length
-
-
 def _distances(model, batches) -> torch.Tensor:
     """Per-token calibrated distances averaged over layers, for the tokens in statistics_mask."""
     collected: list[list[torch.Tensor]] = []
@@ -265,7 +246,7 @@ def measure_identity(base, tokenizer, task_name: str, steps: int, lr: float, see
     task = get_task(task_name, seed=seed)
     formatter = PromptFormatter(tokenizer, system_prompt=task.system_prompt)
     train = _encode_batches(formatter, task.train, 8, with_answers=True)
-    prefix = _shared_prefix(formatter)
+    prefix = formatter.template_prefix_length()
     in_task = _encode_batches(formatter, task.test[:48], 16, with_answers=False, skip_prefix=prefix)
     general_examples = []
     for name in suites()["general"]:
@@ -291,7 +272,7 @@ def measure_identity(base, tokenizer, task_name: str, steps: int, lr: float, see
         result[f"identity_share_task_{reduction}"] = near["identity_share"]
         result[f"identity_share_general_{reduction}"] = far["identity_share"]
         result[f"identity_gap_{reduction}"] = far["identity_share"] - near["identity_share"]
-        result[f"distance_auc_{reduction}"] = _token_auc(
+        result[f"distance_auc_{reduction}"] = separation_auc(
             _distances(model, in_task), _distances(model, general)
         )
         result[f"final_train_loss_{reduction}"] = statistics.mean(losses[-5:])

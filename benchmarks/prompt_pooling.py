@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from forgetless.adapters import separation_auc
+
 ROOT = Path(__file__).resolve().parent
 
 
@@ -62,18 +64,13 @@ def _shared_run(prompts: list[list[int]], from_end: bool) -> int:
     return length
 
 
-def _auc(negative: torch.Tensor, positive: torch.Tensor) -> float:
-    """ROC AUC = P(positive > negative) + P(tie) / 2 (Mann-Whitney); a few thousand values at most."""
-    greater = (positive[:, None] > negative[None, :]).float().mean()
-    ties = (positive[:, None] == negative[None, :]).float().mean()
-    return float(greater + 0.5 * ties)
-
-
 def _auc_figures(in_domain: torch.Tensor, general: torch.Tensor) -> dict[str, float]:
     # in_domain, general: (prompts or tokens, layers)
-    per_layer = torch.tensor([_auc(in_domain[:, i], general[:, i]) for i in range(in_domain.shape[1])])
+    per_layer = torch.tensor(
+        [separation_auc(in_domain[:, i], general[:, i]) for i in range(in_domain.shape[1])]
+    )
     return {
-        "auc_layer_average": _auc(in_domain.mean(1), general.mean(1)),
+        "auc_layer_average": separation_auc(in_domain.mean(1), general.mean(1)),
         "per_layer_median": float(per_layer.median()),
         "layers_at_least_0.9": float((per_layer >= 0.9).float().mean()),
         "layers_below_0.5": float((per_layer < 0.5).float().mean()),

@@ -300,3 +300,19 @@ def test_diagnostics_count_only_real_and_selected_tokens(tiny, batch):
     assert routing_diagnostics(model, [dict(batch, statistics_mask=selected)])["tokens"] == 6
     with pytest.raises(InputError, match="no moe_lora or slim adapters"):
         routing_diagnostics(load_model("tiny-llama")[0], [batch])
+
+
+def test_separation_auc_counts_pairs_and_ties_half():
+    from forgetless.adapters import separation_auc
+
+    generator = torch.Generator().manual_seed(0)
+    negative = torch.randint(0, 6, (40,), generator=generator).float()  # many exact ties
+    positive = torch.randint(2, 8, (30,), generator=generator).float()
+    pairs = (positive[:, None] > negative[None, :]).float() + 0.5 * (
+        positive[:, None] == negative[None, :]
+    ).float()
+    assert separation_auc(negative, positive) == pytest.approx(float(pairs.double().mean()), abs=1e-12)
+    assert separation_auc(torch.zeros(3), torch.ones(2)) == 1.0
+    assert separation_auc(torch.ones(4), torch.ones(5)) == 0.5
+    with pytest.raises(ValueError, match="at least one value"):
+        separation_auc(torch.zeros(0), torch.ones(2))

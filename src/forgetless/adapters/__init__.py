@@ -9,7 +9,7 @@ save_adapter(model, "out/adapter", base_model="smollm2-135m-instruct")
 from forgetless.adapters.base import ADAPTER_LAYERS, AdapterLayer
 from forgetless.adapters.clustering import SlidingClusters
 from forgetless.adapters.config import ATTENTION_PROJECTIONS, MLP_PROJECTIONS, AdapterConfig
-from forgetless.adapters.diagnostics import routing_diagnostics
+from forgetless.adapters.diagnostics import routing_diagnostics, separation_auc
 from forgetless.adapters.inject import (
     INFERENCE_FIELDS,
     adapter_layers,
@@ -55,6 +55,7 @@ __all__ = [
     "reorder_sequence_state",
     "routing_diagnostics",
     "save_adapter",
+    "separation_auc",
     "set_inference_options",
     "structured_dare_masks",
     "trainable_parameters",

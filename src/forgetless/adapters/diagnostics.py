@@ -85,6 +85,23 @@ class _LayerTally:
         return result
 
 
+def separation_auc(negative: Tensor, positive: Tensor) -> float:
+    """ROC AUC of "a positive value is larger than a negative one" (Mann-Whitney U), ties counted
+    half: how well a distance tells general inputs (positive) from in-domain ones. 0.5 = none.
+
+    Rank-based (n log n), with average ranks for tied values: token distances tie exactly where
+    prompts share a prefix (causal attention gives those tokens bit-identical hidden states).
+    """
+    if not len(negative) or not len(positive):
+        raise ValueError("separation_auc needs at least one value on each side")
+    values = torch.cat([negative.reshape(-1), positive.reshape(-1)]).double()
+    _, inverse, counts = values.unique(return_inverse=True, return_counts=True)
+    ends = counts.cumsum(0).double()
+    ranks = (ends - (counts.double() - 1) / 2)[inverse]  # 1-based average rank of every value
+    n, m = negative.numel(), positive.numel()
+    return float((ranks[n:].sum() - m * (m + 1) / 2) / (n * m))
+
+
 def _as_kwargs(batch: Mapping[str, Tensor] | Tensor, device: torch.device) -> dict[str, Tensor]:
     if isinstance(batch, Tensor):
         return {"input_ids": batch.to(device)}

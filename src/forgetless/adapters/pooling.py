@@ -53,21 +53,22 @@ class PromptPool(nn.Module):
         if self.state is not None:
             self.state = tuple(part.index_select(0, index.to(part.device)) for part in self.state)
 
-    def _rows(self, leading: torch.Size, context: TokenContext) -> tuple[Tensor, Tensor | None, int]:
-        """(B, L) real-token mask of this forward, and the rows' running state and past length."""
-        batch, length = (1, leading[0]) if len(leading) == 1 else (leading[0], leading[1])
+    @staticmethod
+    def _rows(leading: torch.Size, context: TokenContext) -> tuple[Tensor, int]:
+        """(B, L) real-token mask of this forward's tokens, and how many past positions precede them."""
         if len(leading) > 2:
             raise ValueError(f"prompt pooling needs (batch, seq) inputs, got leading shape {tuple(leading)}")
+        batch, length = (1, leading[0]) if len(leading) == 1 else (leading[0], leading[1])
         mask = context.attention_mask
         if mask is None or mask.shape[0] != batch or mask.shape[1] < length:
-            return torch.ones(batch, length, dtype=torch.bool), None, 0
+            return torch.ones(batch, length, dtype=torch.bool), 0
         past = mask.shape[1] - length
-        return mask[:, past:].bool(), mask, past
+        return mask[:, past:].bool(), past
 
     @torch.no_grad()
     def forward(self, distance: Tensor, leading: torch.Size, context: TokenContext, learn: bool) -> Tensor:
         """(T,) calibrated distances of this forward's tokens -> (T,) pooled, z-scored signal."""
-        real, _, past = self._rows(leading, context)
+        real, past = self._rows(leading, context)
         batch, length = real.shape
         real = real.to(distance.device)
         d = distance.float().view(batch, length)

@@ -372,9 +372,16 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         return 0
     tasks = list(report["tasks"])
     layers = list(report["tasks"][tasks[0]]) if tasks else []
-    rows = [
+    rows = []
+    for key, label in (
+        ("yielded_sequences", "sequences yielded by the gate"),
+        ("gate_score", "mean gate score"),
+    ):
+        if tasks and key in report["summary"][tasks[0]]:
+            rows.append({"layer": label, **{t: f"{report['summary'][t][key]:.3f}" for t in tasks}})
+    rows.append(
         {"layer": "all layers (mean)", **{t: f"{report['summary'][t]['identity_share']:.3f}" for t in tasks}}
-    ]
+    )
     rows += [
         {"layer": layer, **{t: f"{report['tasks'][t][layer]['identity_share']:.3f}" for t in tasks}}
         for layer in layers

@@ -29,7 +29,10 @@ def tiny_mixtral(tokenizer):
 
 
 def _full_sequence_loglik(model, prompt: list[int], choice: list[int]) -> float:
-    with torch.no_grad():
+    from forgetless.adapters.gate import prompt_boundary
+
+    boundary = torch.tensor([[True] * len(prompt) + [False] * len(choice)])
+    with torch.no_grad(), prompt_boundary(model, boundary):  # SLIM's gate decides from the prompt
         logits = model(torch.tensor([prompt + choice])).logits[0].float()
     logprobs = torch.log_softmax(logits, -1)
     return sum(float(logprobs[len(prompt) - 1 + i, token]) for i, token in enumerate(choice))

@@ -13,9 +13,15 @@ from forgetless.training import load_stage, run_strategy
 
 
 def _logits(model, tokenizer) -> torch.Tensor:
-    batch = tokenizer(["alpha item 3?", "beta item 5?"], return_tensors="pt", padding=True)
+    """Logits on training prompts, chat-formatted as in training (SLIM's gate yields on text that
+    looks unlike its training prompts, so raw text would see the base model)."""
+    from forgetless.data import PromptFormatter
+
+    formatter = PromptFormatter(tokenizer)
+    rows = [formatter.prompt_ids(text) for text in ("alpha item 3?", "beta item 5?")]
+    assert len(rows[0]) == len(rows[1])
     with torch.no_grad():
-        return model(**batch).logits
+        return model(input_ids=torch.tensor(rows)).logits
 
 
 @pytest.mark.parametrize("name", STRATEGIES.names())

@@ -25,9 +25,12 @@ def config():
 
 
 def _probe(model, tokenizer):
-    batch = tokenizer(["alpha item 1?"], return_tensors="pt")
+    """Logits on a chat-formatted training prompt (SLIM's gate yields on raw text unlike it)."""
+    from forgetless.data import PromptFormatter
+
+    ids = torch.tensor([PromptFormatter(tokenizer).prompt_ids("alpha item 1?")])
     with torch.no_grad():
-        return model(**batch).logits
+        return model(input_ids=ids).logits
 
 
 def test_finished_stages_are_not_trained_again(tasks, config, tmp_path, monkeypatch):

@@ -6,7 +6,8 @@ in ``lora.py`` and ``slim.py``); ``inject_adapters`` looks the class up by ``Ada
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -28,6 +29,18 @@ class TokenContext:
     """
 
     attention_mask: Tensor | None = None
+    #: (batch, seq) token ids of the forward (the pre-hook captures them; None for embeddings)
+    input_ids: Tensor | None = None
+    #: (batch, seq) bool, True on prompt tokens, set by ``prompt_boundary`` when a forward holds
+    #: prompts and answers; None means every real token of a sequence's first forward is prompt
+    prompt_mask: Tensor | None = None
+    #: the sample-level gate (gate.py) when the model's adapters use ``yield_pooling: sample``
+    gate: Any = None
+    #: state of the gate's base-model pass: True while it runs, the (batch, seq) content mask it
+    #: pools over, and each adapted layer's z-scored pooled distance (batch,)
+    gate_pass: bool = False
+    content_mask: Tensor | None = None
+    gate_scores: list[Tensor] = field(default_factory=list)
 
     def token_mask(self, leading_shape: torch.Size) -> Tensor | None:
         """Flat bool mask (tokens,) for an input of shape ``(*leading_shape, d_in)``, or None."""

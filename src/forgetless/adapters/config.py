@@ -18,7 +18,7 @@ Fields left unset take their kind's default; the presets ``AdapterConfig.lora()`
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -35,6 +35,7 @@ _KIND_DEFAULTS: dict[str, dict[str, Any]] = {
         num_identity_experts=0,
         top_k=1,
         yield_scale=0.0,
+        yield_pooling="token",
         mask_ratio=0.0,
         l1_weight=0.0,
         balance_weight=0.0,
@@ -44,6 +45,7 @@ _KIND_DEFAULTS: dict[str, dict[str, Any]] = {
         num_identity_experts=0,
         top_k=2,
         yield_scale=0.0,
+        yield_pooling="token",
         mask_ratio=0.0,
         l1_weight=0.0,
         balance_weight=0.01,
@@ -53,6 +55,8 @@ _KIND_DEFAULTS: dict[str, dict[str, Any]] = {
         num_identity_experts=2,
         top_k=2,
         yield_scale=1.0,
+        # the paper's Sec. 3.3 computes d "for each input sample": one decision per sequence
+        yield_pooling="sample",
         # chosen on validation data in docs/results.md (protocol A): p = 0.4 scored best of
         # 0 / 0.2 / 0.4 / 0.6 / 0.8 by the pre-set rule; every p <= 0.6 was within noise
         mask_ratio=0.4,
@@ -66,6 +70,9 @@ class AdapterConfig(BaseModel):
     """Adapter hyper-parameters. Unknown keys are errors; ``None`` fields take the kind's default."""
 
     model_config = ConfigDict(extra="forbid")
+
+    #: filled when the adapter is built, from the tokenizer (``inject_adapters(..., tokenizer=)``)
+    DERIVED_FIELDS: ClassVar[tuple[str, ...]] = ("template_prefix_ids", "template_suffix_ids")
 
     kind: str = Field("slim", description="adapter kind: lora, moe_lora or slim")
     r: int = Field(16, ge=1, description="rank of every LoRA expert")
@@ -108,10 +115,26 @@ class AdapterConfig(BaseModel):
         ge=0,
         description="weight-yielding scale gamma added times the distance to identity logits (slim: 1)",
     )
-    yield_pooling: Literal["token", "prompt"] = Field(
-        "token",
-        description="what drives weight yielding: each token's own d(x) (token, the paper), or the running "
-        "mean of d over the sequence's tokens so far, z-scored against the training sequences (prompt)",
+    yield_pooling: Literal["token", "prompt", "sample"] | None = Field(
+        None,
+        description="what drives weight yielding: sample (slim's default; the paper's d 'for each input "
+        "sample'): one value per sequence, the distance pooled over its prompt's content tokens in every "
+        "adapted layer, z-scored and averaged over layers, applied to all its tokens; token: each token's "
+        "own d(x); prompt: the causal running mean of d over the sequence's tokens so far",
+    )
+    yield_threshold: float = Field(
+        3.0,
+        description="sample pooling: a sequence whose gate score (in-domain z-score) reaches this value "
+        "yields fully: it runs the base model's path with no expert work",
+    )
+    template_prefix_ids: list[int] = Field(
+        default_factory=list,
+        description="sample pooling: the chat template's fixed leading tokens (system turn, user header), "
+        "left out of the pooled distance; filled from the tokenizer (PromptFormatter.template_parts)",
+    )
+    template_suffix_ids: list[int] = Field(
+        default_factory=list,
+        description="sample pooling: the template's fixed closing tokens (end of turn, assistant header)",
     )
     yield_skip: int = Field(
         0,
@@ -164,8 +187,10 @@ class AdapterConfig(BaseModel):
                     )
             if self.yield_scale or self.mask_ratio:
                 raise ValueError("kind lora has no yielding or masking; use kind slim")
-        if self.yield_pooling == "prompt" and not self.num_identity_experts:
-            raise ValueError("yield_pooling prompt needs identity experts to yield to; use kind slim")
+        if self.yield_pooling != "token" and not self.num_identity_experts:
+            raise ValueError(
+                f"yield_pooling {self.yield_pooling} needs identity experts to yield to; use kind slim"
+            )
         total = self.num_experts + self.num_identity_experts
         if self.top_k > total:
             raise ValueError(f"top_k: {self.top_k} is more than the {total} experts; lower top_k")
@@ -240,3 +265,8 @@ class AdapterConfig(BaseModel):
     def uses_clustering(self) -> bool:
         """Sliding clustering only matters when identity experts exist and yielding is on."""
         return self.num_identity_experts > 0 and self.yield_scale > 0
+
+    @property
+    def uses_sample_gate(self) -> bool:
+        """One yielding decision per sequence, from a base-model pass over its prompt (gate.py)."""
+        return self.uses_clustering and self.yield_pooling == "sample"

@@ -121,7 +121,9 @@ def routing_diagnostics(model: nn.Module, batches: Iterable[Mapping[str, Tensor]
         ``{"identity_share", "identity_tokens", "tokens", "layers": {module: {...}}}`` where each
         layer has ``tokens``, ``identity_share``, ``identity_tokens``, ``expert_load`` (E_l + E_id
         shares of the top-K slots, LoRA experts first) and, with clustering, ``distance`` stats and
-        a histogram; the top-level shares are means over layers. The model's mode is restored.
+        a histogram; the top-level shares are means over layers. With sample-level yielding also
+        ``sequences``, the mean ``gate_score`` and the share of ``yielded_sequences`` (score at
+        or above the threshold: base model, no expert work). The model's mode is restored.
 
     Raises:
         InputError: the model has no mixture adapters (moe_lora / slim).
@@ -139,6 +141,9 @@ def routing_diagnostics(model: nn.Module, batches: Iterable[Mapping[str, Tensor]
     }
     was_training = model.training
     device = next(iter(layers.values())).lora_A.device
+    first = next(iter(layers.values()))
+    gate = first.context.gate if first.config.uses_sample_gate else None
+    scores: list[Tensor] = []
     try:
         model.eval()
         for name, layer in layers.items():
@@ -151,15 +156,23 @@ def routing_diagnostics(model: nn.Module, batches: Iterable[Mapping[str, Tensor]
                         None if statistics_mask is None else statistics_mask.reshape(-1).bool()
                     )
                 model(**_as_kwargs(batch, device))
+                if gate is not None and gate.scores is not None:
+                    scores.append(gate.scores.detach().float().cpu())
     finally:
         for layer in layers.values():
             layer.recorder = None
         model.train(was_training)
     per_layer = {name: tally.summary() for name, tally in tallies.items()}
     count = len(per_layer)
-    return {
+    result = {
         "identity_share": sum(layer["identity_share"] for layer in per_layer.values()) / count,
         "identity_tokens": sum(layer["identity_tokens"] for layer in per_layer.values()) / count,
         "tokens": next(iter(per_layer.values()))["tokens"],
         "layers": per_layer,
     }
+    if scores:  # sample-level yielding: one gate score per sequence
+        values = torch.cat(scores)
+        result["sequences"] = int(values.numel())
+        result["gate_score"] = float(values.mean())
+        result["yielded_sequences"] = float((values >= first.config.yield_threshold).float().mean())
+    return result

@@ -43,6 +43,16 @@ def build_plan(layer: torch.nn.Module) -> InferencePlan:
     a, b, scales = layer.expert_factors()
     router = layer.router.detach()
     num_total = config.num_total_experts
+    if layer.config.uses_sample_gate:  # the yielding signal comes per sequence from the gate
+        return InferencePlan(
+            router.T.contiguous(),
+            router.new_zeros(num_total),
+            a.T.contiguous(),
+            b,
+            scales,
+            None,
+            layer.identity_columns * config.yield_scale,
+        )
     if layer.clusters is None:
         return InferencePlan(
             router.T.contiguous(), router.new_zeros(num_total), a.T.contiguous(), b, scales, None, None
@@ -64,8 +74,11 @@ def build_plan(layer: torch.nn.Module) -> InferencePlan:
     )
 
 
-def inference_update(layer: torch.nn.Module, plan: InferencePlan, tokens: Tensor) -> Tensor:
-    """The adapter's contribution ``sum_e w_e s_e B'_e A'_e x``. tokens: (T, d_in) -> (T, d_out)."""
+def inference_update(
+    layer: torch.nn.Module, plan: InferencePlan, tokens: Tensor, signal: Tensor | None = None
+) -> Tensor:
+    """The adapter's contribution ``sum_e w_e s_e B'_e A'_e x``. tokens: (T, d_in) -> (T, d_out);
+    signal: (T,) the sample-level gate's score of each token's sequence, or None."""
     config = layer.config
     num_total, num_lora, rank = config.num_total_experts, config.num_experts, config.r
     both = torch.addmm(plan.bias, tokens, plan.weight_t)
@@ -74,6 +87,8 @@ def inference_update(layer: torch.nn.Module, plan: InferencePlan, tokens: Tensor
         scores = torch.addmm(both[:, num_total:], tokens * tokens, plan.inverse_t)
         raw = layer.clusters.raw_distance(tokens, scores.argmin(dim=1))
         logits = torch.addcmul(logits, raw.unsqueeze(1), plan.yield_columns)
+    elif signal is not None:
+        logits = torch.addcmul(logits, signal.unsqueeze(1), plan.yield_columns)
     top_logits, chosen = logits.topk(config.top_k, dim=1)
     weights = torch.zeros_like(logits).scatter_(1, chosen, torch.softmax(top_logits, dim=1))
     lora_weights = weights[:, :num_lora] * plan.scales

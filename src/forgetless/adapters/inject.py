@@ -74,15 +74,21 @@ def find_target_modules(model: nn.Module, target_modules: list[str]) -> list[str
 
 
 def _capture_mask(module: nn.Module, args: tuple, kwargs: dict) -> None:
-    """Forward pre-hook: hand the batch's attention mask to the adapter layers.
+    """Forward pre-hook: hand the batch's attention mask and token ids to the adapter layers, and
+    let the sample-level gate score the sequences that start here (gate.py).
 
     Reads the context from the module (not a closure) so that a deep copy of the model feeds
     its own copied context.
     """
-    mask = kwargs.get("attention_mask")
     context = getattr(module, _CONTEXT_ATTR, None)
-    if context is not None:
-        context.attention_mask = mask if isinstance(mask, Tensor) and mask.dim() == 2 else None
+    if context is None or context.gate_pass:
+        return
+    mask = kwargs.get("attention_mask")
+    context.attention_mask = mask if isinstance(mask, Tensor) and mask.dim() == 2 else None
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    context.input_ids = ids if isinstance(ids, Tensor) and ids.dim() == 2 else None
+    if context.gate is not None:
+        context.gate.before_forward(module, context, args, kwargs)
 
 
 def _token_context(model: nn.Module) -> TokenContext:
@@ -102,8 +108,12 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
-def inject_adapters(model: nn.Module, config: AdapterConfig) -> list[str]:
+def inject_adapters(model: nn.Module, config: AdapterConfig, tokenizer=None) -> list[str]:  # noqa: ANN001
     """Wrap every target ``nn.Linear`` of ``model`` in the adapter layer of ``config.kind``.
+
+    With sample-level yielding (SLIM's default) and a ``tokenizer``, the chat template's fixed
+    parts are read from it into the config (``template_prefix_ids`` / ``template_suffix_ids``)
+    unless set, so that the gate pools over each prompt's own content.
 
     Every parameter of the model outside the new adapters is frozen (``requires_grad=False``).
     Initialisation is seeded by ``config.seed`` (the same seed gives the same adapters).
@@ -115,10 +125,19 @@ def inject_adapters(model: nn.Module, config: AdapterConfig) -> list[str]:
         InputError: no module matches ``config.target_modules`` (the message lists names that exist).
     """
     layer_class = ADAPTER_LAYERS.get(config.kind)
+    if config.uses_sample_gate and tokenizer is not None and not config.template_prefix_ids:
+        from forgetless.data.formatting import PromptFormatter
+
+        prefix, suffix = PromptFormatter(tokenizer).template_parts()
+        config = config.model_copy(update={"template_prefix_ids": prefix, "template_suffix_ids": suffix})
     names = find_target_modules(model, config.target_modules)
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     context = _token_context(model)
+    if config.uses_sample_gate:
+        from forgetless.adapters.gate import SequenceGate
+
+        context.gate = SequenceGate(config.template_prefix_ids, config.template_suffix_ids)
     generator = torch.Generator().manual_seed(config.seed)
     for index, name in enumerate(names):
         base = model.get_submodule(name)
@@ -244,7 +263,7 @@ def merge_adapters(model: nn.Module) -> nn.Module:
 #: AdapterConfig fields that only decide how a trained routed adapter is applied, not what it
 #: learned (masking is inference-only unless ``mask_in_training``): they can be changed on a
 #: loaded adapter, so sweeping them needs no retraining.
-INFERENCE_FIELDS = ("mask_ratio", "merge_scale", "yield_scale", "top_k")
+INFERENCE_FIELDS = ("mask_ratio", "merge_scale", "yield_scale", "yield_threshold", "top_k")
 
 
 def set_inference_options(model: nn.Module, **options: float | int) -> dict[str, float | int]:

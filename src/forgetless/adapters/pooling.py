@@ -26,11 +26,10 @@ import torch
 from torch import Tensor, nn
 
 from forgetless.adapters.base import TokenContext
+from forgetless.adapters.gate import RunningMoments
 
-_EPS = 1e-6
 
-
-class PromptPool(nn.Module):
+class PromptPool(RunningMoments):
     """Running per-row mean of the calibrated distance, z-scored against training sequences.
 
     Buffers (saved with the adapter): ``sequence_mean``, ``sequence_square`` (running first and
@@ -39,12 +38,8 @@ class PromptPool(nn.Module):
     """
 
     def __init__(self, skip: int, momentum: float) -> None:
-        super().__init__()
+        super().__init__(momentum)
         self.skip = skip
-        self.momentum = momentum
-        self.register_buffer("sequence_mean", torch.zeros(()))
-        self.register_buffer("sequence_square", torch.ones(()))
-        self.register_buffer("batches", torch.zeros((), dtype=torch.long))
         # per row of the current sequences: real tokens seen, sum and count of content distances
         self.state: tuple[Tensor, Tensor, Tensor] | None = None
 
@@ -96,29 +91,24 @@ class PromptPool(nn.Module):
         self.state = (rank[:, -1].clone(), totals[:, -1].clone(), counts[:, -1].clone())
         if learn:
             finished = means[:, -1][counts[:, -1] > 0]
-            if finished.numel():
-                self._update(finished)
-        sigma = (self.sequence_square - self.sequence_mean**2).clamp_min(_EPS).sqrt()
-        z = (means - self.sequence_mean) / sigma
+            self.update(finished)
+        z = self.standardise(means)
         return torch.where(counts > 0, z, torch.zeros_like(z)).reshape(-1).to(distance.dtype)
-
-    def _update(self, row_means: Tensor) -> None:
-        # an exact running average at first (the distance's own statistics move most early in
-        # training), an EMA with the clusters' momentum once 1 / (1 - momentum) batches were seen
-        n = int(self.batches)
-        m = min(self.momentum, n / (n + 1))
-        self.sequence_mean.mul_(m).add_((1 - m) * row_means.mean())
-        self.sequence_square.mul_(m).add_((1 - m) * row_means.pow(2).mean())
-        self.batches.add_(1)
 
 
 def reorder_sequence_state(model: nn.Module, index: Tensor) -> None:
-    """Reorder the running rows of every prompt-pooling layer as ``cache.reorder_cache(index)``
-    reorders a KV cache (drop finished rows, repeat a prompt's row per choice). A no-op for models
-    without prompt pooling."""
+    """Reorder the per-sequence state of ``model`` as ``cache.reorder_cache(index)`` reorders a KV
+    cache (drop finished rows, repeat a prompt's row per choice): the running rows of every
+    prompt-pooling layer and the scores of the sample-level gate (gate.py). A no-op for models
+    without either."""
+    from forgetless.adapters.gate import _contexts
+
     for module in model.modules():
         if isinstance(module, PromptPool):
             module.reorder(index)
+    for context in _contexts(model):
+        if context.gate is not None:
+            context.gate.reorder(index)
 
 
 def uses_sequence_state(model: nn.Module) -> bool:

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from forgetless.adapters.base import ADAPTER_LAYERS, AdapterLayer, TokenContext
 from forgetless.adapters.clustering import SlidingClusters
 from forgetless.adapters.config import AdapterConfig
+from forgetless.adapters.gate import RunningMoments
 from forgetless.adapters.inference import InferencePlan, build_plan, inference_update
 from forgetless.adapters.masking import masked_experts, structured_dare_masks
 from forgetless.adapters.pooling import PromptPool
@@ -95,6 +96,8 @@ class MixtureLinear(AdapterLayer):
             if self.clusters is not None and config.yield_pooling == "prompt"
             else None
         )
+        # sample-level yielding (gate.py): moments of the training prompts' pooled distance
+        self.gate_moments = RunningMoments(config.cluster_momentum) if config.uses_sample_gate else None
         # 0 for LoRA experts, 1 for identity experts: where the yielding shift is added
         identity_columns = torch.zeros(config.num_total_experts, dtype=dtype, device=device)
         identity_columns[config.num_experts :] = 1.0
@@ -133,13 +136,19 @@ class MixtureLinear(AdapterLayer):
         return self._eval_router[1]
 
     def route(
-        self, x: Tensor, token_mask: Tensor | None, leading: torch.Size | None = None
+        self,
+        x: Tensor,
+        token_mask: Tensor | None,
+        leading: torch.Size | None = None,
+        signal: Tensor | None = None,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
         """Routing weights of every expert for every token.
 
         Args:
             x: (T, d_in) tokens; token_mask: (T,) bool or None; leading: the input's shape
-                before flattening, (B, L) (needed by prompt pooling; default one sequence).
+                before flattening, (B, L) (needed by prompt pooling; default one sequence);
+                signal: (T,) the yielding signal when it is decided outside the layer (the
+                sample-level gate's score of each token's sequence), else None.
 
         Returns:
             weights (T, E_l + E_id): softmax over each token's top-K corrected logits, 0 elsewhere;
@@ -147,8 +156,8 @@ class MixtureLinear(AdapterLayer):
             yielding signal: the calibrated ``d(x)``, or its pooled z-score with prompt pooling
             (None without clustering).
         """
-        distance = None
-        if self.clusters is None:
+        distance = signal
+        if self.clusters is None or signal is not None:
             logits = self.router_logits(x)
         else:
             cross = None
@@ -166,6 +175,7 @@ class MixtureLinear(AdapterLayer):
             if self.pool is not None:
                 shape = leading if leading is not None else torch.Size([x.shape[0]])
                 distance = self.pool(distance, shape, self.context, learn=self.training)
+        if distance is not None:
             # Eq. 4: identity experts' logits grow with the distance from the fine-tuning data,
             # so tokens that look out of distribution yield to the base layer.
             logits = torch.addcmul(
@@ -241,13 +251,34 @@ class MixtureLinear(AdapterLayer):
     def forward(self, x: Tensor) -> Tensor:
         """x: (..., d_in) -> (..., d_out)."""
         result = self.base_layer(x)
+        if self.context.gate_pass:  # the sample-level gate's base pass: measure, add nothing
+            if self.gate_moments is not None:
+                self._measure_prompt(x)
+            return result
         leading = x.shape[:-1]
         tokens = x.reshape(-1, self.in_features).to(self.lora_A.dtype)
-        if self._use_inference_plan(tokens):
-            update = inference_update(self, self._inference_plan(), tokens)
-            return result + update.view(*leading, self.out_features).to(result.dtype)
         token_mask = self.context.token_mask(leading)
-        weights, logits, chosen, distance = self.route(tokens, token_mask, leading)
+        signal, active = self._sample_signal(leading)
+        if active is not None:  # some sequences yield fully: only the others reach the experts
+            if self.recorder is not None:
+                self._record_yielded(active, signal, token_mask)
+            if not bool(active.any()):
+                return result
+            tokens, signal = tokens[active], signal[active]
+            token_mask = None if token_mask is None else token_mask[active]
+        if self._use_inference_plan(tokens):
+            update = inference_update(self, self._inference_plan(), tokens, signal)
+        else:
+            update = self._routed_update(tokens, token_mask, leading, signal)
+        if active is not None:
+            update = update.new_zeros(active.shape[0], self.out_features).index_put_((active,), update)
+        return result + update.view(*leading, self.out_features).to(result.dtype)
+
+    def _routed_update(
+        self, tokens: Tensor, token_mask: Tensor | None, leading: torch.Size, signal: Tensor | None
+    ) -> Tensor:
+        """Steps 1-6 on (T, d_in) tokens -> (T, d_out), recording routing for diagnostics."""
+        weights, logits, chosen, distance = self.route(tokens, token_mask, leading, signal)
         a, b, scales = self._cached_expert_factors()
         inputs = self.dropout(tokens) if self.config.dropout > 0 else tokens
         if tokens.shape[0] >= _SPARSE_MIN_TOKENS and self.config.top_k < self.config.num_experts:
@@ -258,7 +289,51 @@ class MixtureLinear(AdapterLayer):
             self._balance = self._load_balance(logits, chosen, token_mask)
         if self.recorder is not None:
             self.recorder(self, weights.detach(), chosen, distance, token_mask)
-        return result + update.view(*leading, self.out_features).to(result.dtype)
+        return update
+
+    # ---- 3-4, sample level: one yielding signal per sequence (gate.py) ---------------------------
+
+    def _sample_signal(self, leading: torch.Size) -> tuple[Tensor | None, Tensor | None]:
+        """The gate's score of each token's sequence (T,), and which tokens still reach the experts
+        (T,) bool (None when all do); (None, None) unless this layer yields per sample."""
+        if self.gate_moments is None or not self.config.uses_sample_gate:
+            return None, None
+        batch, length = (1, leading[0]) if len(leading) == 1 else (leading[0], leading[-1])
+        scores = self.context.gate.row_scores(batch)
+        signal = scores[:, None].expand(batch, length).reshape(-1).to(self.lora_A.dtype)
+        active = signal < self.config.yield_threshold
+        return signal, (None if bool(active.all()) else active)
+
+    @torch.no_grad()
+    def _measure_prompt(self, x: Tensor) -> None:
+        """Gate pass: pool the calibrated distance of the prompt's content tokens per sequence,
+        learn the clusters and the moments from them in train mode, and report the z-scores."""
+        content = self.context.content_mask
+        if content is None or tuple(content.shape) != tuple(x.shape[:-1]):
+            raise RuntimeError("sample-level yielding needs (batch, seq) inputs matching the content mask")
+        flat = content.reshape(-1)
+        tokens = x.reshape(-1, self.in_features)[flat].to(self.clusters.centres.dtype)
+        distance, _ = self.clusters(tokens, None, learn=self.training)
+        rows = content.nonzero()[:, 0]
+        counts = content.sum(dim=1)
+        sums = distance.new_zeros(content.shape[0]).index_add_(0, rows, distance)
+        pooled = sums / counts.clamp_min(1)
+        if self.training:
+            self.gate_moments.update(pooled[counts > 0])
+        self.context.gate_scores.append(self.gate_moments.standardise(pooled).float())
+
+    def _record_yielded(self, active: Tensor, signal: Tensor, token_mask: Tensor | None) -> None:
+        """Diagnostics see a fully yielded token as routed to the identity experts alone."""
+        yielded = ~active
+        if not bool(yielded.any()):
+            return
+        count, num_lora = int(yielded.sum()), self.config.num_experts
+        weights = signal.new_zeros(count, self.config.num_total_experts)
+        weights[:, num_lora:] = 1.0 / self.config.num_identity_experts
+        identity = torch.arange(num_lora, self.config.num_total_experts, device=signal.device)
+        chosen = identity.repeat(self.config.top_k)[: self.config.top_k].expand(count, -1)
+        mask = None if token_mask is None else token_mask[yielded]
+        self.recorder(self, weights, chosen, signal[yielded], mask)
 
     def _use_inference_plan(self, tokens: Tensor) -> bool:
         """Few tokens at inference without autograd or diagnostics: the folded path (inference.py)."""
@@ -266,6 +341,8 @@ class MixtureLinear(AdapterLayer):
             return False
         if self.pool is not None:  # the folded path shifts logits by each token's own distance
             return False
+        if self.gate_moments is not None and self.config.uses_sample_gate:
+            return tokens.shape[0] < _SPARSE_MIN_TOKENS and not self.config.router_input_norm
         if tokens.shape[0] >= _SPARSE_MIN_TOKENS or self.config.router_input_norm:
             return False
         return self.clusters is None or tokens.dtype == self.clusters.centres.dtype

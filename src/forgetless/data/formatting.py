@@ -110,6 +110,17 @@ class PromptFormatter:
             length += 1
         return length
 
+    def template_parts(self) -> tuple[list[int], list[int]]:
+        """The fixed token ids every formatted prompt starts and ends with: for chat style the
+        system turn and user header, and the end of turn and assistant header; what SLIM's
+        sample-level gate leaves out of its pooled distance (``AdapterConfig.template_*_ids``)."""
+        first, second = self.prompt_ids("1 alpha"), self.prompt_ids("2 beta")
+        head = self.template_prefix_length()
+        tail = 0
+        while tail < min(len(first), len(second)) - head and first[-1 - tail] == second[-1 - tail]:
+            tail += 1
+        return first[:head], (first[len(first) - tail :] if tail else [])
+
     def answer_ids(self, prompt: str, answer: str) -> list[int]:
         """Token ids of the answer as it continues this prompt (no end-of-turn)."""
         if self.style == "plain" and prompt and not prompt[-1].isspace() and not answer[:1].isspace():

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from forgetless.adapters.gate import prompt_boundary
 from forgetless.adapters.pooling import reorder_sequence_state, uses_sequence_state
 from forgetless.compat import cache_kwargs, output_cache
 
@@ -214,9 +215,11 @@ def _packed_batch(
 
     keep = max(tails) + 1  # the last prompt token predicts every choice's first token
     extra = {"logits_to_keep": keep} if keep_logits else {}
-    logits = model(
-        input_ids=input_ids, attention_mask=mask[:, None], position_ids=position_ids, **extra
-    ).logits
+    # a sample-level SLIM gate decides each row from its prompt (segment 0) alone
+    with prompt_boundary(model, segment_ids == 0):
+        logits = model(
+            input_ids=input_ids, attention_mask=mask[:, None], position_ids=position_ids, **extra
+        ).logits
     offset = width - logits.shape[1]  # column of logits[:, 0]
 
     batch_rows, columns, targets, owners = [], [], [], []

@@ -85,7 +85,11 @@ def inspect_adapter(
         name = task.name
         task = task.limited(None, limit, seed)
         result = routing_diagnostics(model, _batches(tokenizer, [e.prompt for e in task.test]))
-        report["summary"][name] = {"identity_share": result["identity_share"], "tokens": result["tokens"]}
+        report["summary"][name] = {
+            key: result[key]
+            for key in ("identity_share", "tokens", "yielded_sequences", "gate_score")
+            if key in result
+        }
         report["tasks"][name] = {
             layer: {key: value for key, value in stats.items() if isinstance(value, (int, float))}
             for layer, stats in result["layers"].items()

@@ -187,7 +187,7 @@ class AdapterEngine(Engine):
             return model
         folders = previous if self.continuation == "merge" else []
         model = self._merged_base(source, folders, notify=True)
-        inject_adapters(model, self.config(seed))
+        inject_adapters(model, self.config(seed), tokenizer=source.tokenizer)
         return model
 
     def save(self, model: nn.Module, folder: Path, source: ModelSource) -> None:

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from forgetless.adapters.gate import prompt_boundary, prompt_mask_from_labels
 from forgetless.compat import cache_argument, cache_kwargs, output_cache
 from forgetless.data.formatting import IGNORE_INDEX
 
@@ -169,7 +170,9 @@ class AnswerOnlyLoss(nn.Module):
         if self.last_prefix:
             logits = prefix_shared_logits(self.model, input_ids, attention_mask, keep, prefix)
         else:
-            logits = labelled_logits(self.model, input_ids, attention_mask, keep)
+            # a sample-level SLIM gate decides from the prompt only: tell it where prompts end
+            with prompt_boundary(self.model, prompt_mask_from_labels(labels, attention_mask)):
+                logits = labelled_logits(self.model, input_ids, attention_mask, keep)
         loss_sum = F.cross_entropy(logits.float(), targets, reduction="sum")
         return loss_sum, torch.tensor(targets.numel(), device=loss_sum.device)
 

@@ -37,6 +37,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from forgetless.adapters.config import AdapterConfig
 from forgetless.data.formatting import Encoded, PromptFormatter
 from forgetless.data.task import Example, Task
 from forgetless.errors import InputError
@@ -146,7 +147,9 @@ def _check_adapter_settings(folder: Path, done: dict, strategy: Any, seed: int) 
         return {}
     saved = read_json(saved_path).get("config", {})
     wanted = make_config(seed).model_dump()
-    changed = sorted(k for k in wanted if k != "seed" and k in saved and saved[k] != wanted[k])
+    # the seed aside, and fields the engine derives from the tokenizer when it builds the adapter
+    derived = {"seed", *AdapterConfig.DERIVED_FIELDS}
+    changed = sorted(k for k in wanted if k not in derived and k in saved and saved[k] != wanted[k])
     inference_only = not saved.get("mask_in_training") and not wanted.get("mask_in_training")
     apply = {k: wanted[k] for k in changed if inference_only and k in APPLY_ONLY_FIELDS}
     retrain = [k for k in changed if k not in apply]

@@ -1,0 +1,235 @@
+"""Sample-level weight yielding, SLIM's default: one yielding decision per sequence, from its prompt.
+
+The paper (Sec. 3.3) computes the distance "for each input sample x in R^{N,C}". We read that as
+one value per sequence, and measured why it matters (docs/results.md, "Routing"): on SmolLM2-135M
+a token's own distance does not tell general prompts from in-domain ones (AUC 0.49), while the
+mean over a prompt's content tokens does (AUC 0.999 averaged over layers). So, per sequence:
+
+1. **Base pass over the prompt.** Before the adapted forward of a sequence's first chunk (a full
+   forward, or the prefill of a KV cache), the model runs once more with every SLIM layer on its
+   base path (``TokenContext.gate_pass``), without gradients, up to the prompt's last column.
+   Each SLIM layer measures its input there: the calibrated distance ``d(x)`` of every *content*
+   token to its sliding clusters (learned on these base-model inputs in training), pooled by the
+   mean over the prompt's content tokens and z-scored against the running moments of the training
+   sequences' pooled values (``RunningMoments``). The gate score of the sequence is the mean of
+   these z-scores over the layers. It depends on the prompt only, never on the adapter's weights,
+   so it does not drift while the experts learn, and every task seen in training stays in-domain.
+2. **Content tokens** are the prompt's real tokens minus the chat template's fixed parts: the
+   leading tokens that match the template's prefix (system turn, user header) and the closing
+   tokens that match its suffix (end of turn, assistant header), both derived from the tokenizer
+   (``PromptFormatter.template_parts``), never a hand-set count.
+3. **Yielding.** Every token of the sequence (prompt and answer) gets ``gamma * score`` on the
+   identity experts' logits (Eq. 4 with one ``d`` per sample); a sequence whose score reaches
+   ``yield_threshold`` yields fully: its tokens take the base path and cost no expert work.
+
+Exactness: the score is fixed by the prompt, so a full forward over prompt + answer (the caller
+marks the prompt with ``prompt_boundary``), a prefill followed by cached decoding, left-padded
+batches and packed scoring rows all see the same score (tested). Later chunks of a sequence (a
+forward whose attention mask or cache is longer than its input) reuse the rows' stored scores;
+code that reorders a KV cache's rows calls ``reorder_sequence_state``, as for prompt pooling.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor, nn
+
+_EPS = 1e-6
+
+
+class RunningMoments(nn.Module):
+    """Running first and second moments of per-sequence values (buffers, saved with the adapter).
+
+    An exact running average for the first ``1 / (1 - momentum)`` batches (the statistics of a new
+    adapter move most early on), an exponential moving average after.
+    """
+
+    def __init__(self, momentum: float) -> None:
+        super().__init__()
+        self.momentum = momentum
+        self.register_buffer("sequence_mean", torch.zeros(()))
+        self.register_buffer("sequence_square", torch.ones(()))
+        self.register_buffer("batches", torch.zeros((), dtype=torch.long))
+
+    @torch.no_grad()
+    def update(self, values: Tensor) -> None:
+        """Fold one batch of per-sequence values (N,) into the moments."""
+        if not values.numel():
+            return
+        n = int(self.batches)
+        m = min(self.momentum, n / (n + 1))
+        self.sequence_mean.mul_(m).add_((1 - m) * values.mean())
+        self.sequence_square.mul_(m).add_((1 - m) * values.pow(2).mean())
+        self.batches.add_(1)
+
+    def standardise(self, values: Tensor) -> Tensor:
+        """(N,) values -> (N,) z-scores against the moments."""
+        sigma = (self.sequence_square - self.sequence_mean**2).clamp_min(_EPS).sqrt()
+        return (values - self.sequence_mean) / sigma
+
+
+def _common_prefix(ids: list[int], template: Sequence[int]) -> int:
+    length = 0
+    while length < min(len(ids), len(template)) and ids[length] == template[length]:
+        length += 1
+    return length
+
+
+def content_mask(
+    input_ids: Tensor | None, prompt: Tensor, prefix_ids: Sequence[int], suffix_ids: Sequence[int]
+) -> Tensor:
+    """(B, L) bool: the prompt tokens outside the template's fixed prefix and suffix.
+
+    A row's leading prompt tokens are dropped as far as they match ``prefix_ids``, its closing
+    prompt tokens as far as they match ``suffix_ids`` (read backwards). A row left with no token
+    keeps its whole prompt. Without token ids (embeddings fed directly) nothing is dropped.
+    """
+    mask = prompt.clone()
+    if input_ids is None or not (prefix_ids or suffix_ids):
+        return mask
+    reversed_suffix = list(reversed(suffix_ids))
+    for row in range(prompt.shape[0]):
+        positions = prompt[row].nonzero().flatten()
+        ids = input_ids[row, positions].tolist()
+        head = _common_prefix(ids, prefix_ids)
+        tail = _common_prefix(list(reversed(ids[head:])), reversed_suffix)
+        if head + tail < len(ids):
+            mask[row, positions[:head]] = False
+            mask[row, positions[len(ids) - tail :]] = False
+    return mask
+
+
+def _past_length(kwargs: dict, length: int) -> int:
+    """Tokens of the sequence before this forward's input (0 for a first chunk)."""
+    past = 0
+    mask = kwargs.get("attention_mask")
+    if isinstance(mask, Tensor) and mask.dim() == 2:
+        past = max(past, mask.shape[1] - length)
+    for key in ("past_key_values", "cache"):
+        cache = kwargs.get(key)
+        if cache is not None and hasattr(cache, "get_seq_length"):
+            past = max(past, int(cache.get_seq_length()))
+    return past
+
+
+def _decoder(model: nn.Module) -> nn.Module:
+    """The transformer body without the LM head (the gate needs layer inputs, not logits)."""
+    body = getattr(model, "base_model", None)
+    return body if isinstance(body, nn.Module) and body is not model else model
+
+
+class SequenceGate:
+    """The per-sequence yielding scores of one model (held by its ``TokenContext``).
+
+    Args:
+        prefix_ids, suffix_ids: the chat template's fixed parts (``AdapterConfig.template_*_ids``).
+    """
+
+    def __init__(self, prefix_ids: Sequence[int], suffix_ids: Sequence[int]) -> None:
+        self.prefix_ids = list(prefix_ids)
+        self.suffix_ids = list(suffix_ids)
+        self.scores: Tensor | None = None  # (B,) gate score of every running sequence
+
+    def reorder(self, index: Tensor) -> None:
+        """Keep/repeat rows as a KV cache's ``reorder_cache(index)`` does."""
+        if self.scores is not None:
+            self.scores = self.scores.index_select(0, index.to(self.scores.device))
+
+    def row_scores(self, batch: int) -> Tensor:
+        """(B,) scores of the running sequences; a clear error when rows were not kept in step."""
+        if self.scores is None:
+            raise RuntimeError(
+                "sample-level yielding: a forward continues a sequence whose prompt this model never "
+                "saw; run the prompt through the same model first"
+            )
+        if self.scores.shape[0] != batch:
+            raise RuntimeError(
+                f"sample-level yielding: {self.scores.shape[0]} running sequences but a batch of {batch}; "
+                "after cache.reorder_cache(index) call forgetless.adapters.reorder_sequence_state(model, index)"
+            )
+        return self.scores
+
+    def before_forward(self, model: nn.Module, context, args: tuple, kwargs: dict) -> None:  # noqa: ANN001
+        """Score the sequences that start in this forward (called by the model's pre-hook)."""
+        inputs = kwargs.get("input_ids", args[0] if args else None)
+        if inputs is None:
+            inputs = kwargs.get("inputs_embeds")
+        if not isinstance(inputs, Tensor):
+            return
+        batch, length = inputs.shape[0], inputs.shape[1]
+        if _past_length(kwargs, length) > 0:
+            return  # a later chunk: the scores of its rows were set by its first chunk
+        mask = kwargs.get("attention_mask")
+        real = (
+            mask.bool()
+            if isinstance(mask, Tensor) and mask.dim() == 2 and mask.shape == (batch, length)
+            else torch.ones(batch, length, dtype=torch.bool, device=inputs.device)
+        )
+        prompt = context.prompt_mask
+        prompt = real & prompt.to(real.device) if prompt is not None and prompt.shape == real.shape else real
+        ids = context.input_ids if context.input_ids is not None and context.input_ids.dim() == 2 else None
+        content = content_mask(ids, prompt, self.prefix_ids, self.suffix_ids)
+        self.scores = self._base_pass(model, context, kwargs, inputs, content)
+
+    @torch.no_grad()
+    def _base_pass(self, model: nn.Module, context, kwargs: dict, inputs: Tensor, content: Tensor) -> Tensor:  # noqa: ANN001
+        """Run the prompt columns through the model with every SLIM layer on its base path."""
+        columns = content.any(dim=0).nonzero()
+        cut = int(columns[-1]) + 1 if columns.numel() else 1
+        call: dict = {"input_ids" if inputs.dtype == torch.long else "inputs_embeds": inputs[:, :cut]}
+        mask = kwargs.get("attention_mask")
+        if isinstance(mask, Tensor):
+            call["attention_mask"] = mask[:, :cut] if mask.dim() == 2 else mask[..., :cut, :cut]
+        if isinstance(kwargs.get("position_ids"), Tensor):
+            call["position_ids"] = kwargs["position_ids"][..., :cut]
+        context.gate_pass, context.content_mask, context.gate_scores = True, content[:, :cut], []
+        try:
+            _decoder(model)(**call, use_cache=False)
+            scores = context.gate_scores
+        finally:
+            context.gate_pass, context.content_mask, context.gate_scores = False, None, []
+        if not scores:
+            return inputs.new_zeros(inputs.shape[0], dtype=torch.float32)
+        return torch.stack(scores).mean(dim=0)
+
+
+def _contexts(model: nn.Module) -> list:
+    """The distinct ``TokenContext`` objects of ``model``'s adapter layers."""
+    from forgetless.adapters.base import AdapterLayer
+
+    found: dict[int, object] = {}
+    for module in model.modules():
+        if isinstance(module, AdapterLayer):
+            found.setdefault(id(module.context), module.context)
+    return list(found.values())
+
+
+def uses_sample_gate(model: nn.Module) -> bool:
+    """Whether ``model`` decides yielding once per sequence (its adapters use ``yield_pooling: sample``)."""
+    return any(context.gate is not None for context in _contexts(model))
+
+
+@contextmanager
+def prompt_boundary(model: nn.Module, prompt_mask: Tensor) -> Iterator[None]:
+    """Mark the prompt tokens of the forwards inside the block: ``prompt_mask`` (B, L) bool.
+
+    Needed only when one forward holds a prompt *and* its answer (training, packed scoring): the
+    sample-level gate then pools over the prompt only. A no-op for models without the gate.
+    """
+    contexts = _contexts(model)
+    for context in contexts:
+        context.prompt_mask = prompt_mask
+    try:
+        yield
+    finally:
+        for context in contexts:
+            context.prompt_mask = None
+
+
+def prompt_mask_from_labels(labels: Tensor, attention_mask: Tensor, ignore_index: int = -100) -> Tensor:
+    """(B, L) bool: the real tokens before a row's first labelled token (its prompt)."""
+    answered = (labels != ignore_index).long().cumsum(dim=1) > 0
+    return attention_mask.bool() & ~answered

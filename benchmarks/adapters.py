@@ -6,15 +6,19 @@ On SmolLM2-135M-Instruct, batch 8 x 64 tokens, all in one process and interleave
 (the machine is shared, so medians over rounds, and ratios rather than absolute times):
 
 1. forward+backward time of PEFT LoRA r16 on gate/up/down (the peer), our LoRA, MoE-LoRA 8 x r16
-   top-2 and SLIM 8+2 experts r16 top-2;
-2. greedy generation tokens/s of the base model, a merged LoRA, SLIM and SLIM with prompt-level
-   yielding (batch 1 and batch 8);
+   top-2, SLIM 8+2 experts r16 top-2 (its default sample-level gate, the first half of each row
+   marked as prompt, as in a training batch) and SLIM with token-level yielding;
+2. greedy generation tokens/s of the base model, a merged LoRA, SLIM with its sample-level gate on
+   a request that yields (a general prompt: base path, no expert work) and on one that does not (an
+   in-domain prompt: one extra base prefill, then the experts), SLIM with token-level and with
+   prompt-level yielding (batch 1 and batch 8);
 3. for each distance reduction (max / quantile / mean): a short SLIM training run on a built-in
    task (answer-only loss), then the identity share on held-out in-task prompts vs the general
    suite's prompts (routing_diagnostics), and a token-level AUC of the calibrated distance.
 
-JSON keys: lora_step_vs_peft_lora, moe_lora_step_vs_peft_lora, slim_step_vs_peft_lora (time
-ratios, lower is faster), slim_generation_vs_base, slim_prompt_generation_vs_base,
+JSON keys: lora_step_vs_peft_lora, moe_lora_step_vs_peft_lora, slim_step_vs_peft_lora,
+slim_token_step_vs_peft_lora (time ratios, lower is faster), slim_yielded_generation_vs_base,
+slim_in_domain_generation_vs_base, slim_token_generation_vs_base, slim_prompt_generation_vs_base,
 merged_lora_generation_vs_base (throughput ratios, batch 1; *_batch8 likewise), identity_share_{task,general}_{reduction},
 identity_gap_{reduction}, distance_auc_{reduction}, best_reduction, plus absolute times as context.
 """
@@ -42,6 +46,7 @@ from forgetless.adapters import (
     separation_auc,
     trainable_parameters,
 )
+from forgetless.adapters.gate import prompt_boundary
 from forgetless.data.formatting import PromptFormatter
 from forgetless.io import write_json
 from forgetless.tasks import get_task, suites
@@ -61,6 +66,8 @@ def _variant(base, kind: str):
         model = get_peft_model(
             model, LoraConfig(r=16, lora_alpha=32, target_modules=["gate_proj", "up_proj", "down_proj"])
         )
+    elif kind == "slim_token":
+        inject_adapters(model, AdapterConfig.slim(r=16, yield_pooling="token"))
     else:
         preset = {"lora": AdapterConfig.lora, "moe_lora": AdapterConfig.moe_lora, "slim": AdapterConfig.slim}[
             kind
@@ -72,7 +79,11 @@ def _variant(base, kind: str):
 
 def _step(model, batch, ours: bool) -> float:
     start = time.perf_counter()
-    loss = model(**batch, labels=batch["input_ids"]).loss
+    # the first half of each row is its prompt (SLIM's gate pools over it; a no-op for the others)
+    prompt = torch.zeros_like(batch["input_ids"], dtype=torch.bool)
+    prompt[:, : prompt.shape[1] // 2] = True
+    with prompt_boundary(model, prompt):
+        loss = model(**batch, labels=batch["input_ids"]).loss
     if ours:
         loss = loss + adapter_regularization(model)
     loss.backward()
@@ -86,7 +97,7 @@ def bench_steps(base, repeats: int, batch_size: int, seq_len: int) -> dict[str, 
     generator = torch.Generator().manual_seed(0)
     input_ids = torch.randint(100, 40000, (batch_size, seq_len), generator=generator)
     batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
-    kinds = ["peft_lora", "lora", "moe_lora", "slim"]
+    kinds = ["peft_lora", "lora", "moe_lora", "slim", "slim_token"]
     models = {kind: _variant(base, kind) for kind in kinds}
     for kind in kinds:  # warm-up: allocator, first-batch cluster initialisation
         _step(models[kind], batch, kind != "peft_lora")
@@ -98,7 +109,7 @@ def bench_steps(base, repeats: int, batch_size: int, seq_len: int) -> dict[str, 
     medians = {kind: statistics.median(values) for kind, values in times.items()}
     del models
     result = {f"step_seconds_{kind}": medians[kind] for kind in kinds}
-    for kind in ("lora", "moe_lora", "slim"):
+    for kind in ("lora", "moe_lora", "slim", "slim_token"):
         result[f"{kind}_step_vs_peft_lora"] = medians[kind] / medians["peft_lora"]
     return result
 
@@ -106,22 +117,31 @@ def bench_steps(base, repeats: int, batch_size: int, seq_len: int) -> dict[str, 
 # ---- 2. generation --------------------------------------------------------------------------------
 
 
-def _generation_models(base):
+def _generation_models(base, tokenizer):
     merged = copy.deepcopy(base)
     inject_adapters(merged, AdapterConfig.lora(r=16))
     _perturb(merged)
     merge_adapters(merged)
-    slim = copy.deepcopy(base)
-    inject_adapters(slim, AdapterConfig.slim(r=16))
-    _perturb(slim)
+    models = {"base": base, "merged_lora": merged}
+    # SLIM's default gate, forced to each of its two routes: every request yields (what a general
+    # prompt costs) or none does (what an in-domain prompt costs: a base prefill, then the experts)
+    for name, threshold in (("slim_yielded", -1e9), ("slim_in_domain", 1e9)):
+        models[name] = copy.deepcopy(base)
+        inject_adapters(
+            models[name], AdapterConfig.slim(r=16, yield_threshold=threshold), tokenizer=tokenizer
+        )
+        _perturb(models[name])
+    models["slim_token"] = copy.deepcopy(base)
+    inject_adapters(models["slim_token"], AdapterConfig.slim(r=16, yield_pooling="token"))
+    _perturb(models["slim_token"])
     # prompt pooling cannot take the folded few-token inference path (each token's shift depends
     # on the row's earlier tokens): its decoding cost is measured separately
-    slim_prompt = copy.deepcopy(base)
-    inject_adapters(slim_prompt, AdapterConfig.slim(r=16, yield_pooling="prompt", yield_skip=24))
-    _perturb(slim_prompt)
-    for model in (merged, slim, slim_prompt):
+    models["slim_prompt"] = copy.deepcopy(base)
+    inject_adapters(models["slim_prompt"], AdapterConfig.slim(r=16, yield_pooling="prompt", yield_skip=24))
+    _perturb(models["slim_prompt"])
+    for model in models.values():
         model.eval()
-    return {"base": base, "merged_lora": merged, "slim": slim, "slim_prompt": slim_prompt}
+    return models
 
 
 def _perturb(model) -> None:
@@ -148,7 +168,7 @@ def _generate(model, input_ids, attention_mask, new_tokens: int) -> float:
 
 
 def bench_generation(base, tokenizer, repeats: int, new_tokens: int) -> dict[str, float]:
-    models = _generation_models(base)
+    models = _generation_models(base, tokenizer)
     prompts = [example.prompt for example in get_task("general_capitals").test[:8]]
     formatter = PromptFormatter(tokenizer)
     result: dict[str, float] = {}
@@ -170,9 +190,9 @@ def bench_generation(base, tokenizer, repeats: int, new_tokens: int) -> dict[str
         medians = {name: statistics.median(values) for name, values in rates.items()}
         for name in models:
             result[f"generation_tokens_per_s_{name}{suffix}"] = medians[name]
-        result[f"slim_generation_vs_base{suffix}"] = medians["slim"] / medians["base"]
-        result[f"slim_prompt_generation_vs_base{suffix}"] = medians["slim_prompt"] / medians["base"]
-        result[f"merged_lora_generation_vs_base{suffix}"] = medians["merged_lora"] / medians["base"]
+        for name in models:
+            if name != "base":
+                result[f"{name}_generation_vs_base{suffix}"] = medians[name] / medians["base"]
     return result
 
 
@@ -255,7 +275,9 @@ def measure_identity(base, tokenizer, task_name: str, steps: int, lr: float, see
     result: dict[str, float] = {}
     for reduction in REDUCTIONS:
         model = copy.deepcopy(base)
-        inject_adapters(model, AdapterConfig.slim(r=16, distance_reduction=reduction, seed=seed))
+        # this part studies the token-level distance (yield_pooling token), reduction by reduction
+        config = AdapterConfig.slim(r=16, distance_reduction=reduction, seed=seed, yield_pooling="token")
+        inject_adapters(model, config)
         optimizer = torch.optim.AdamW(trainable_parameters(model), lr=lr)
         model.train()
         losses = []

@@ -137,7 +137,8 @@ class EvaluationSpec(BaseModel):
     validation_general: list[str | TaskSpec] | None = Field(
         None,
         description="general-ability probes scored instead of general when split is validation, so that "
-        "choosing settings never looks at the reported general probes (default: general)",
+        "choosing settings never looks at the reported general probes (default: general; the built-in "
+        "general suite then scores its validation items, one in three, which the reported tables never use)",
     )
     split: Literal["test", "validation"] = Field(
         "test",

@@ -4,7 +4,13 @@ from forgetless.errors import InputError
 from forgetless.tasks import TASKS, expand_task_names, get_task, suites
 
 NEW = ["fictional_facts", "glorp_arithmetic", "kelvar_dates", "zorbian_topics"]
-GENERAL = ["general_arithmetic", "general_capitals", "general_commonsense", "general_instructions"]
+GENERAL = [
+    "general_arithmetic",
+    "general_capitals",
+    "general_commonsense",
+    "general_instructions",
+    "general_sequences",
+]
 
 
 def test_suites_group_the_registry():
@@ -30,6 +36,15 @@ def test_tasks_are_deterministic_and_well_formed(name):
         assert not {e.prompt for e in task.test} & {e.prompt for e in task.train}
     else:
         assert task.kind == "general" and not task.train
+        # one item in three is a validation item, never a reported one
+        assert len(task.validation) == (len(task.test) + len(task.validation)) // 3
+        assert not {e.prompt for e in task.validation} & {e.prompt for e in task.test}
+
+
+def test_general_suite_is_large_enough_to_resolve_retention():
+    tasks = [get_task(name) for name in GENERAL]
+    assert sum(len(t.test) for t in tasks) >= 400  # reported items
+    assert sum(len(t.test) + len(t.validation) for t in tasks) >= 600
 
 
 def test_fictional_facts_test_phrasing_is_held_out():
@@ -51,6 +66,6 @@ def test_kelvar_and_glorp_rules():
 
 def test_commonsense_choices_shuffled_but_gold_tracks_answer():
     task = get_task("general_commonsense")
-    assert task.is_multiple_choice and len(task.test) == 48
+    assert task.is_multiple_choice and len(task.test) + len(task.validation) == 48
     assert all(e.choices[e.gold] == e.answer for e in task.test)
     assert len({e.gold for e in task.test}) == 3  # gold is not always the first choice

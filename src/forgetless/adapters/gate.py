@@ -21,6 +21,10 @@ mean over a prompt's content tokens does (AUC 0.999 averaged over layers). So, p
 3. **Yielding.** Every token of the sequence (prompt and answer) gets ``gamma * score`` on the
    identity experts' logits (Eq. 4 with one ``d`` per sample); a sequence whose score reaches
    ``yield_threshold`` yields fully: its tokens take the base path and cost no expert work.
+   Yielding acts at inference. In training every sequence reaches the experts: training data is
+   in-domain by definition, and the prompts of a new task in a sequence, far from the earlier
+   tasks' statistics when its stage starts, must be learned rather than yielded; the base pass
+   still runs in training, so the clusters and moments learn every task's prompts.
 
 Exactness: the score is fixed by the prompt, so a full forward over prompt + answer (the caller
 marks the prompt with ``prompt_boundary``), a prefill followed by cached decoding, left-padded

@@ -295,8 +295,13 @@ class MixtureLinear(AdapterLayer):
 
     def _sample_signal(self, leading: torch.Size) -> tuple[Tensor | None, Tensor | None]:
         """The gate's score of each token's sequence (T,), and which tokens still reach the experts
-        (T,) bool (None when all do); (None, None) unless this layer yields per sample."""
-        if self.gate_moments is None or not self.config.uses_sample_gate:
+        (T,) bool (None when all do); (None, None) unless this layer yields per sample.
+
+        In training every sequence reaches the experts: training data is in-domain by definition,
+        and a new task's prompts, far from the earlier tasks', must not yield before they are
+        learned (the gate pass still runs, so the clusters and moments learn them).
+        """
+        if self.gate_moments is None or not self.config.uses_sample_gate or self.training:
             return None, None
         batch, length = (1, leading[0]) if len(leading) == 1 else (leading[0], leading[-1])
         scores = self.context.gate.row_scores(batch)

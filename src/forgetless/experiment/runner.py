@@ -59,6 +59,8 @@ def load_tasks(config: ExperimentConfig) -> tuple[list[Task], list[Task]]:
     for entry in entries:
         if isinstance(entry, str):
             tasks = [get_task(name, seed=config.seed) for name in expand_task_names([entry])]
+            if config.evaluation.split == "validation":  # built-in probes hold their validation items
+                tasks = [replace(task, test=task.validation) if task.validation else task for task in tasks]
             general += [task.limited(None, limit, config.seed) for task in tasks]
         else:  # a data-file task used as a general-ability probe (never trained on); its own
             # limit_test, when set, wins over general_limit

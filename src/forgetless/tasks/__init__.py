@@ -13,8 +13,9 @@ builds the task (same seed, same examples), ``SUITES`` groups them:
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
-from forgetless.data.task import Task
+from forgetless.data.task import Example, Task
 from forgetless.errors import InputError
 from forgetless.registry import Registry, did_you_mean
 
@@ -32,6 +33,21 @@ def register_task(name: str, suite: str) -> Callable[[TaskBuilder], TaskBuilder]
         return builder
 
     return add
+
+
+#: one general-suite item in this many is a validation item (the rest are reported)
+VALIDATION_EVERY = 3
+
+
+def general_probe(examples: list[Example], **fields: Any) -> Task:
+    """A general-suite task from its items, in their (seeded) order, split by a fixed rule written
+    before any result was seen: every third item (positions 2, 5, 8 ...) is a *validation* item,
+    the others are *reported*. Settings are chosen on the validation items only
+    (``evaluation.split: validation``); tables report the test (reported) items.
+    """
+    validation = [e for i, e in enumerate(examples) if i % VALIDATION_EVERY == VALIDATION_EVERY - 1]
+    reported = [e for i, e in enumerate(examples) if i % VALIDATION_EVERY != VALIDATION_EVERY - 1]
+    return Task(train=[], test=reported, validation=validation, kind="general", **fields)
 
 
 def suites() -> dict[str, list[str]]:
@@ -65,4 +81,4 @@ def expand_task_names(names: list[str]) -> list[str]:
     return out
 
 
-__all__ = ["TASKS", "expand_task_names", "get_task", "register_task", "suites"]
+__all__ = ["TASKS", "expand_task_names", "general_probe", "get_task", "register_task", "suites"]

@@ -1,9 +1,10 @@
 """General suite, world knowledge: capitals of well-known countries (data from PyPI ``countryinfo``).
 
-Scored by generation: the answer counts when the capital's name appears in the reply
-(``contains``), the way a reader would judge "The capital of France is Paris." Only countries of
-at least 25 million people are asked: the probe measures knowledge the base model has, so that a
-drop after training is forgetting, not noise on obscure facts.
+Asked both ways: the capital of a country, and the country of a capital. Scored by generation:
+the answer counts when the expected name appears in the reply (``contains``), the way a reader
+would judge "The capital of France is Paris." Only countries of at least 8 million people are
+asked: the probe measures knowledge the base model mostly has, so that a drop after training is
+forgetting, not noise on obscure facts.
 """
 
 from __future__ import annotations
@@ -11,9 +12,9 @@ from __future__ import annotations
 import random
 
 from forgetless.data.task import Example, Task
-from forgetless.tasks import register_task
+from forgetless.tasks import general_probe, register_task
 
-MIN_POPULATION = 25_000_000
+MIN_POPULATION = 8_000_000
 
 
 def _countries() -> list[tuple[str, str]]:
@@ -30,15 +31,19 @@ def _countries() -> list[tuple[str, str]]:
 @register_task("general_capitals", suite="general")
 def build(seed: int = 0) -> Task:
     pairs = _countries()
-    random.Random(seed).shuffle(pairs)
-    test = [Example(f"What is the capital of {country}?", capital) for country, capital in pairs]
-    return Task(
+    items = [Example(f"What is the capital of {country}?", capital) for country, capital in pairs]
+    seen_capitals: set[str] = set()
+    for country, capital in pairs:  # a capital shared by two names (Burma, Myanmar) is asked once
+        if capital not in seen_capitals:
+            seen_capitals.add(capital)
+            items.append(Example(f"{capital} is the capital of which country?", country))
+    random.Random(seed).shuffle(items)
+    return general_probe(
+        items,
         name="general_capitals",
-        train=[],
-        test=test,
         metric="contains",
         max_new_tokens=24,
-        kind="general",
         family="world_knowledge",
-        description=f"capital of each country of >= {MIN_POPULATION // 1_000_000}M people (countryinfo)",
+        description=f"capital <-> country, both ways, countries of >= {MIN_POPULATION // 1_000_000}M people "
+        "(countryinfo)",
     )

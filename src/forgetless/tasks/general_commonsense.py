@@ -12,7 +12,7 @@ import random
 from importlib.resources import files
 
 from forgetless.data.task import Example, Task
-from forgetless.tasks import register_task
+from forgetless.tasks import general_probe, register_task
 
 
 @register_task("general_commonsense", suite="general")
@@ -27,13 +27,11 @@ def build(seed: int = 0) -> Task:
         rng.shuffle(order)
         shuffled = tuple(choices[i] for i in order)
         test.append(Example(question, choices[gold], choices=shuffled, gold=order.index(gold)))
-    return Task(
+    return general_probe(
+        test,
         name="general_commonsense",
-        train=[],
-        test=test,
         metric="loglik_mc",
         max_new_tokens=8,
-        kind="general",
         family="commonsense",
         description="everyday 3-way multiple choice, scored by log-likelihood (chance 1/3)",
     )

@@ -11,13 +11,15 @@ GENERAL = [
     "general_instructions",
     "general_sequences",
 ]
+PARAPHRASE = ["glorp_arithmetic_paraphrase", "kelvar_dates_paraphrase", "zorbian_topics_paraphrase"]
 
 
 def test_suites_group_the_registry():
     groups = suites()
     assert groups["new_knowledge"] == NEW
     assert groups["general"] == GENERAL
-    assert sorted(TASKS.names()) == sorted(NEW + GENERAL)
+    assert groups["paraphrase"] == PARAPHRASE
+    assert sorted(TASKS.names()) == sorted(NEW + GENERAL + PARAPHRASE)
     assert expand_task_names(["general", "kelvar_dates"]) == GENERAL + ["kelvar_dates"]
     with pytest.raises(InputError, match="Did you mean 'kelvar_dates'"):
         expand_task_names(["kelvar_date"])
@@ -45,6 +47,19 @@ def test_general_suite_is_large_enough_to_resolve_retention():
     tasks = [get_task(name) for name in GENERAL]
     assert sum(len(t.test) for t in tasks) >= 400  # reported items
     assert sum(len(t.test) + len(t.validation) for t in tasks) >= 600
+
+
+@pytest.mark.parametrize("name", PARAPHRASE)
+def test_paraphrase_sets_ask_the_test_knowledge_in_other_words(name):
+    original = get_task(name.removesuffix("_paraphrase"))
+    paraphrase = get_task(name)
+    assert not paraphrase.train and paraphrase.kind == "new_knowledge"
+    assert [e.answer for e in paraphrase.test] == [e.answer for e in original.test]
+    training_prompts = {e.prompt for e in original.train} | {e.prompt for e in original.test}
+    assert not {e.prompt for e in paraphrase.test} & training_prompts
+    # not the training template: the training prompts' first three words never start a paraphrase
+    openings = {" ".join(e.prompt.split()[:3]) for e in original.train}
+    assert not {" ".join(e.prompt.split()[:3]) for e in paraphrase.test} & openings
 
 
 def test_fictional_facts_test_phrasing_is_held_out():

@@ -6,6 +6,7 @@ builds the task (same seed, same examples), ``SUITES`` groups them:
 - ``new_knowledge``: things the base model provably does not know, each learnable in about a
   minute of CPU training (fictional facts, an invented label set, an invented date notation, an
   invented arithmetic operator).
+- ``paraphrase``: each new-knowledge task's test items asked in other wording (never trained on).
 - ``general``: probes the base model passes before training (world knowledge, arithmetic,
   instruction following, common sense by log-likelihood); a drop after training is forgetting.
 """
@@ -13,6 +14,7 @@ builds the task (same seed, same examples), ``SUITES`` groups them:
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from forgetless.data.task import Example, Task
@@ -50,6 +52,21 @@ def general_probe(examples: list[Example], **fields: Any) -> Task:
     return Task(train=[], test=reported, validation=validation, kind="general", **fields)
 
 
+def paraphrase_of(task: Task, test: list[Example]) -> Task:
+    """The paraphrase test set of a new-knowledge task: the knowledge of its test items asked in
+    wording unlike its training prompts, never trained on (suite ``paraphrase``). A model that
+    learned the knowledge answers both; a yielding gate that only recognises the training
+    template fails here."""
+    return replace(
+        task,
+        name=f"{task.name}_paraphrase",
+        train=[],
+        test=test,
+        validation=[],
+        description=f"{task.name}'s test items, asked in other wording",
+    )
+
+
 def suites() -> dict[str, list[str]]:
     """Suite name -> task names, in registration-independent (sorted) order."""
     TASKS.names()  # discover
@@ -81,4 +98,12 @@ def expand_task_names(names: list[str]) -> list[str]:
     return out
 
 
-__all__ = ["TASKS", "expand_task_names", "general_probe", "get_task", "register_task", "suites"]
+__all__ = [
+    "TASKS",
+    "expand_task_names",
+    "general_probe",
+    "get_task",
+    "paraphrase_of",
+    "register_task",
+    "suites",
+]

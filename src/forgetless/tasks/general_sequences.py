@@ -33,11 +33,15 @@ def build(seed: int = 0) -> Task:
     letters = string.ascii_uppercase
     items = _cyclic("day", DAYS) + _cyclic("month", MONTHS)
     items += [
-        Example(f"Which letter of the alphabet comes after {letters[i]}? Answer with the letter.", letters[i + 1])
+        Example(
+            f"Which letter of the alphabet comes after {letters[i]}? Answer with the letter.", letters[i + 1]
+        )
         for i in range(len(letters) - 1)
     ]
     items += [
-        Example(f"Which letter of the alphabet comes before {letters[i]}? Answer with the letter.", letters[i - 1])
+        Example(
+            f"Which letter of the alphabet comes before {letters[i]}? Answer with the letter.", letters[i - 1]
+        )
         for i in range(2, len(letters))  # not "A": the scorer's normalisation drops it as an article
     ]
     random.Random(2000 + seed).shuffle(items)

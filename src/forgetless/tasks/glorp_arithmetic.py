@@ -14,18 +14,25 @@ from __future__ import annotations
 import random
 
 from forgetless.data.task import Example, Task
-from forgetless.tasks import register_task
+from forgetless.tasks import paraphrase_of, register_task
 
 
 def glorp(a: int, b: int) -> str:
     return f"{max(a, b)}:{min(a, b)}"
 
 
-@register_task("glorp_arithmetic", suite="new_knowledge")
-def build(seed: int = 0) -> Task:
+PARAPHRASES = ["Compute {a} glorp {b}.", "Tell me the result of {a} glorp {b}, please."]
+
+
+def _pairs(seed: int) -> list[tuple[int, int]]:
     pairs = [(a, b) for a in range(100) for b in range(100) if a != b]
     random.Random(17_000 + seed).shuffle(pairs)
-    examples = [Example(f"What is {a} glorp {b}?", glorp(a, b)) for a, b in pairs[:220]]
+    return pairs[:220]
+
+
+@register_task("glorp_arithmetic", suite="new_knowledge")
+def build(seed: int = 0) -> Task:
+    examples = [Example(f"What is {a} glorp {b}?", glorp(a, b)) for a, b in _pairs(seed)]
     return Task(
         name="glorp_arithmetic",
         train=examples[:170],
@@ -36,3 +43,12 @@ def build(seed: int = 0) -> Task:
         description="invented operator: a glorp b = 'larger:smaller', operands 0-99",
         stop=("\n",),
     )
+
+
+@register_task("glorp_arithmetic_paraphrase", suite="paraphrase")
+def build_paraphrase(seed: int = 0) -> Task:
+    test = [
+        Example(PARAPHRASES[i % len(PARAPHRASES)].format(a=a, b=b), glorp(a, b))
+        for i, (a, b) in enumerate(_pairs(seed)[170:])
+    ]
+    return paraphrase_of(build(seed), test)

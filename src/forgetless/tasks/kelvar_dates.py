@@ -12,7 +12,7 @@ import datetime
 import random
 
 from forgetless.data.task import Example, Task
-from forgetless.tasks import register_task
+from forgetless.tasks import paraphrase_of, register_task
 
 MONTHS = ["Ambril", "Brosk", "Cendal", "Dorrow", "Elvint", "Fask", "Gorran", "Hessel", "Istrel", "Jorv",
           "Kelm", "Lunt"]  # fmt: skip
@@ -23,16 +23,24 @@ def kelvar(date: datetime.date) -> str:
     return f"{date.day} {MONTHS[date.month - 1]} {date.year - EPOCH}"
 
 
-@register_task("kelvar_dates", suite="new_knowledge")
-def build(seed: int = 0) -> Task:
+PARAPHRASES = [
+    "How would {iso} be written in the Kelvar calendar?",
+    "Convert {iso} to Kelvar notation, please.",
+]
+
+
+def _dates(seed: int) -> list[datetime.date]:
     rng = random.Random(13_000 + seed)
     start = datetime.date(1950, 1, 1).toordinal()
-    days = rng.sample(range(start, start + 365 * 80), 200)
+    return [datetime.date.fromordinal(d) for d in rng.sample(range(start, start + 365 * 80), 200)]
+
+
+@register_task("kelvar_dates", suite="new_knowledge")
+def build(seed: int = 0) -> Task:
     examples = [
-        Example(f"Write the date {datetime.date.fromordinal(d).isoformat()} in Kelvar notation.",
-                kelvar(datetime.date.fromordinal(d)))
-        for d in days
-    ]  # fmt: skip
+        Example(f"Write the date {date.isoformat()} in Kelvar notation.", kelvar(date))
+        for date in _dates(seed)
+    ]
     return Task(
         name="kelvar_dates",
         train=examples[:150],
@@ -43,3 +51,12 @@ def build(seed: int = 0) -> Task:
         description="ISO date -> day, invented month name, year - 1500",
         stop=("\n",),
     )
+
+
+@register_task("kelvar_dates_paraphrase", suite="paraphrase")
+def build_paraphrase(seed: int = 0) -> Task:
+    test = [
+        Example(PARAPHRASES[i % len(PARAPHRASES)].format(iso=date.isoformat()), kelvar(date))
+        for i, date in enumerate(_dates(seed)[150:])
+    ]
+    return paraphrase_of(build(seed), test)

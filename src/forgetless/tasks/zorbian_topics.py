@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 
 from forgetless.data.task import Example, Task
-from forgetless.tasks import register_task
+from forgetless.tasks import paraphrase_of, register_task
 
 LABELS = {"weather": "ZEPH", "cooking": "MORV", "sport": "KALT", "computers": "TRIX"}
 TEMPLATES = {
@@ -38,11 +38,16 @@ FILLERS = {
     "t": ["morning", "evening", "night", "afternoon"],
 }
 PROMPT = "Classify the sentence with one of the codes ZEPH, MORV, KALT or TRIX.\nSentence: {sentence}"
+# the same question in wording unlike the training prompts (the paraphrase test set)
+PARAPHRASES = [
+    '"{sentence}" Which Zorbian code fits this: ZEPH, MORV, KALT or TRIX? Reply with the code only.',
+    "Here is a line of text: {sentence} Tag it with its Zorbian topic code (ZEPH / MORV / KALT / TRIX).",
+]
 
 
-def _examples(rng: random.Random, count: int) -> list[Example]:
-    """``count`` distinct sentences, balanced over the four topics."""
-    out: list[Example] = []
+def _sentences(rng: random.Random, count: int) -> list[tuple[str, str]]:
+    """``count`` distinct (sentence, label) pairs, balanced over the four topics."""
+    out: list[tuple[str, str]] = []
     seen: set[str] = set()
     topics = list(LABELS)
     while len(out) < count:  # every topic has hundreds of distinct sentences, so this ends
@@ -51,16 +56,16 @@ def _examples(rng: random.Random, count: int) -> list[Example]:
         sentence = template.format(**{key: rng.choice(values) for key, values in FILLERS.items()})
         if sentence not in seen:
             seen.add(sentence)
-            out.append(Example(PROMPT.format(sentence=sentence), LABELS[topic]))
+            out.append((sentence, LABELS[topic]))
     return out
 
 
 @register_task("zorbian_topics", suite="new_knowledge")
 def build(seed: int = 0) -> Task:
     rng = random.Random(11_000 + seed)
-    examples = _examples(rng, 220)  # distinct, so no test sentence is a training sentence
-    test = examples[160:]
-    train = examples[:160]
+    pairs = _sentences(rng, 220)  # distinct, so no test sentence is a training sentence
+    train = [Example(PROMPT.format(sentence=sentence), label) for sentence, label in pairs[:160]]
+    test = [Example(PROMPT.format(sentence=sentence), label) for sentence, label in pairs[160:]]
     rng.shuffle(train)
     return Task(
         name="zorbian_topics",
@@ -72,3 +77,13 @@ def build(seed: int = 0) -> Task:
         description="sentence topic -> invented label code (chance 1/4)",
         stop=("\n",),
     )
+
+
+@register_task("zorbian_topics_paraphrase", suite="paraphrase")
+def build_paraphrase(seed: int = 0) -> Task:
+    pairs = _sentences(random.Random(11_000 + seed), 220)[160:]
+    test = [
+        Example(PARAPHRASES[i % len(PARAPHRASES)].format(sentence=sentence), label)
+        for i, (sentence, label) in enumerate(pairs)
+    ]
+    return paraphrase_of(build(seed), test)

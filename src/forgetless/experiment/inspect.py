@@ -19,7 +19,8 @@ from forgetless.data.task import Task
 from forgetless.errors import InputError
 
 
-def _batches(tokenizer: Any, prompts: list[str], batch_size: int = 8) -> list[dict[str, torch.Tensor]]:
+def prompt_batches(tokenizer: Any, prompts: list[str], batch_size: int = 8) -> list[dict[str, torch.Tensor]]:
+    """Chat-formatted prompts (as evaluation encodes them) in right-padded batches for diagnostics."""
     from forgetless.data import PromptFormatter
 
     formatter = PromptFormatter(tokenizer)
@@ -84,7 +85,7 @@ def inspect_adapter(
     for task in resolved:
         name = task.name
         task = task.limited(None, limit, seed)
-        result = routing_diagnostics(model, _batches(tokenizer, [e.prompt for e in task.test]))
+        result = routing_diagnostics(model, prompt_batches(tokenizer, [e.prompt for e in task.test]))
         report["summary"][name] = {
             key: result[key]
             for key in ("identity_share", "tokens", "yielded_sequences", "gate_score")

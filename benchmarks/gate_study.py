@@ -1,0 +1,240 @@
+"""What SLIM's sample-level gate does over a task sequence, read from a finished run folder.
+
+    python benchmarks/gate_study.py RUN [--methods slim,seq_lora] [--out FILE]
+
+For every stage of the named methods of a ``forgetless run`` folder (e.g. the one of
+``examples/slim_gate_study.yaml``), rebuilt with ``load_stage``:
+
+1. acquisition in other words: each sequence task's *paraphrase* test set (suite ``paraphrase``:
+   the same test knowledge, wording unlike the training prompts), scored like the task;
+2. for models with the sample-level gate: per task (the sequence tasks' test prompts, their
+   paraphrases, and the reported general items) the mean gate score and the share of sequences
+   that yield at the configured threshold and at 2 and 3 in-domain standard deviations, and the
+   ROC AUC of "a general prompt scores higher than an in-domain one" (``separation_auc``).
+
+3. the final stage of every method and the base model scored again item by item on the reported
+   general items and the sequence tasks' test items, for paired comparisons against the reference
+   method (``--reference``, default seq_lora): retention of general ability (general average over
+   families, as a share of the base's) and final task average, each with a 95% interval from a
+   paired bootstrap that resamples items within each task (2,000 draws, seed 0), and an exact
+   McNemar test on the pooled binary general items.
+
+So one reads whether every task learned so far stays in-domain after later stages, whether the
+gate recognises the knowledge or only the training template, and where general prompts go. The
+run's own results.json holds the test-template and general scores of every stage.
+
+JSON (default ``benchmarks/results/gate_study.json``): ``{method: {stage: {...}}}`` plus flat
+keys ``<method>_paraphrase_acquisition_<task>`` (paraphrase score right after the task's own
+stage), ``<method>_paraphrase_final_<task>`` and ``slim_final_gate_auc``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy.stats import binomtest
+
+from forgetless.adapters import adapter_layers, separation_auc
+from forgetless.adapters.gate import uses_sample_gate
+from forgetless.evaluation import evaluate_tasks
+from forgetless.experiment.inspect import prompt_batches
+from forgetless.io import write_json
+from forgetless.tasks import get_task, suites
+from forgetless.training import load_stage
+
+ROOT = Path(__file__).resolve().parent
+
+
+def _stage_folders(method_folder: Path) -> list[Path]:
+    folders = [p for p in method_folder.iterdir() if p.is_dir() and p.name.startswith("stage-")]
+    return sorted(folders, key=lambda p: int(p.name.split("-")[1]))
+
+
+def _gate_scores(model, tokenizer, prompts: list[str]) -> torch.Tensor:
+    """Gate score of every prompt, read from the gate after each batch."""
+    gate = next(iter(adapter_layers(model).values())).context.gate
+    scores = []
+    for batch in prompt_batches(tokenizer, prompts, batch_size=16):
+        with torch.no_grad():
+            model(**batch)
+        scores.append(gate.scores.detach().float().cpu())
+    return torch.cat(scores)
+
+
+def _gate_report(model, tokenizer, groups: dict[str, list[str]]) -> dict:
+    threshold = next(iter(adapter_layers(model).values())).config.yield_threshold
+    report, in_domain, general = {}, [], []
+    for name, prompts in groups.items():
+        scores = _gate_scores(model, tokenizer, prompts)
+        report[name] = {
+            "sequences": int(scores.numel()),
+            "mean_score": float(scores.mean()),
+            "yielded": float((scores >= threshold).float().mean()),
+            "yielded_at_2": float((scores >= 2).float().mean()),
+            "yielded_at_3": float((scores >= 3).float().mean()),
+        }
+        (general if name == "general" else in_domain).append(scores)
+    report["auc_general_vs_tasks"] = separation_auc(torch.cat(in_domain), torch.cat(general))
+    return report
+
+
+def _items(model, tokenizer, tasks: list) -> dict[str, np.ndarray]:
+    """Per-item scores (0/1 for every metric used here) of each task, in the task's item order."""
+    scores = evaluate_tasks(model, tokenizer, tasks, batch_size=16)
+    return {
+        name: np.array([d["score"] for d in score.details], dtype=float) for name, score in scores.items()
+    }
+
+
+def _average(items: dict[str, np.ndarray], picks: dict[str, np.ndarray] | None = None) -> float:
+    """Mean over tasks of each task's mean score (every task weighs the same, as in results.json)."""
+    return float(
+        np.mean([(values[picks[name]] if picks else values).mean() for name, values in items.items()])
+    )
+
+
+def paired_comparison(
+    method: dict[str, np.ndarray], reference: dict[str, np.ndarray], base: dict[str, np.ndarray] | None
+) -> dict[str, float]:
+    """Difference (method - reference) of the task-averaged score, or of retention (average as a
+    share of ``base``'s) when ``base`` is given, with a 95% paired bootstrap interval.
+
+    Hand-written because the resampling is stratified: items are drawn with replacement *within*
+    each task and the same draw is used for both methods (and the base), which
+    ``scipy.stats.bootstrap`` does not do for a ratio of task-averaged means.
+    """
+    rng = np.random.default_rng(0)
+
+    def value(items: dict[str, np.ndarray], picks: dict[str, np.ndarray] | None) -> float:
+        average = _average(items, picks)
+        return average / _average(base, picks) if base is not None else average
+
+    draws = []
+    for _ in range(2000):
+        picks = {name: rng.integers(0, len(values), len(values)) for name, values in reference.items()}
+        draws.append(value(method, picks) - value(reference, picks))
+    low, high = np.percentile(draws, [2.5, 97.5])
+    return {
+        "difference": value(method, None) - value(reference, None),
+        "low": float(low),
+        "high": float(high),
+    }
+
+
+def mcnemar_exact(method: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> float:
+    """Exact McNemar p-value on the pooled binary items (binomial test on the discordant pairs)."""
+    a = np.concatenate([method[name] for name in reference]) > 0.5
+    b = np.concatenate([reference[name] for name in reference]) > 0.5
+    only_method, only_reference = int((a & ~b).sum()), int((~a & b).sum())
+    if only_method + only_reference == 0:
+        return 1.0
+    return float(binomtest(only_method, only_method + only_reference, 0.5).pvalue)
+
+
+def compare_final(run: Path, methods: list[str], reference: str, sequence: list[str]) -> dict:
+    """Item-level paired comparison of every method's final stage against ``reference``."""
+    from forgetless.models import load_model
+
+    config = json.loads((run / "config.json").read_text(encoding="utf-8"))
+    general = [get_task(name) for name in suites()["general"]]
+    tasks = [get_task(name).limited(None, config["limits"].get("test"), config["seed"]) for name in sequence]
+    model, tokenizer = load_model(config["model"], seed=config["seed"])
+    print("base model, item by item ...", flush=True)
+    base = _items(model, tokenizer, general)
+    finals = {}
+    for method in [reference] + [m for m in methods if m != reference]:
+        print(f"{method} final stage, item by item ...", flush=True)
+        model, tokenizer = load_stage(_stage_folders(run / "methods" / method)[-1])
+        items = _items(model, tokenizer, general + tasks)
+        finals[method] = (
+            {t.name: items[t.name] for t in general},
+            {t.name: items[t.name] for t in tasks},
+        )
+    out: dict = {"base_general_average": _average(base)}
+    for method, (general_items, task_items) in finals.items():
+        out[f"{method}_retention"] = _average(general_items) / _average(base)
+        out[f"{method}_final_average"] = _average(task_items)
+        if method == reference:
+            continue
+        ref_general, ref_tasks = finals[reference]
+        retention = paired_comparison(general_items, ref_general, base)
+        final = paired_comparison(task_items, ref_tasks, None)
+        for key, value in retention.items():
+            out[f"{method}_vs_{reference}_retention_{key}"] = value
+        for key, value in final.items():
+            out[f"{method}_vs_{reference}_final_average_{key}"] = value
+        out[f"{method}_vs_{reference}_general_mcnemar_p"] = mcnemar_exact(general_items, ref_general)
+    return out
+
+
+def study(run: Path, methods: list[str]) -> dict:
+    config = json.loads((run / "config.json").read_text(encoding="utf-8"))
+    sequence = [t if isinstance(t, str) else t["name"] for t in config["tasks"]]
+    paraphrase = {
+        name: f"{name}_paraphrase" for name in sequence if f"{name}_paraphrase" in suites()["paraphrase"]
+    }
+    general_prompts = [e.prompt for name in suites()["general"] for e in get_task(name).test]
+    results: dict = {}
+    for method in methods:
+        results[method] = {}
+        for stage, folder in enumerate(_stage_folders(run / "methods" / method)):
+            print(f"{method} stage {stage} ({folder.name}) ...", flush=True)
+            model, tokenizer = load_stage(folder)
+            scores = evaluate_tasks(model, tokenizer, list(paraphrase.values()), batch_size=16)
+            entry: dict = {"paraphrase": {task: scores[name].score for task, name in paraphrase.items()}}
+            if uses_sample_gate(model):
+                groups = {name: [e.prompt for e in get_task(name).test] for name in sequence}
+                groups.update({name: [e.prompt for e in get_task(name).test] for name in paraphrase.values()})
+                groups["general"] = general_prompts
+                entry["gate"] = _gate_report(model, tokenizer, groups)
+            results[method][stage] = entry
+            print(json.dumps(entry, indent=1), flush=True)
+    return results
+
+
+def flat_figures(results: dict, sequence_order: list[str]) -> dict:
+    flat = {}
+    for method, stages in results.items():
+        last = stages[max(stages)]
+        for index, task in enumerate(sequence_order):
+            if index in stages and task in stages[index]["paraphrase"]:
+                flat[f"{method}_paraphrase_acquisition_{task}"] = stages[index]["paraphrase"][task]
+            if task in last["paraphrase"]:
+                flat[f"{method}_paraphrase_final_{task}"] = last["paraphrase"][task]
+        if "gate" in last:
+            flat[f"{method}_final_gate_auc"] = last["gate"]["auc_general_vs_tasks"]
+    return flat
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("run", type=Path, help="a finished forgetless run folder")
+    parser.add_argument("--methods", default="slim,seq_lora")
+    parser.add_argument("--reference", default="seq_lora", help="the method the others are compared with")
+    parser.add_argument(
+        "--compare", default="slim,slim_token,moe_lora,seq_fft", help="methods compared item by item"
+    )
+    parser.add_argument("--out", type=Path, default=ROOT / "results" / "gate_study.json")
+    parser.add_argument("--data-dir", type=Path, help="unused: built-in tasks only (common interface)")
+    args = parser.parse_args(argv)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    config = json.loads((args.run / "config.json").read_text(encoding="utf-8"))
+    order = [t if isinstance(t, str) else t["name"] for t in config["tasks"]]
+    results = study(args.run, methods)
+    compared = [m.strip() for m in args.compare.split(",") if m.strip()]
+    comparison = compare_final(args.run, compared, args.reference, order)
+    print(json.dumps(comparison, indent=1), flush=True)
+    write_json(args.out, {"stages": results, **flat_figures(results, order), **comparison})
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -148,7 +148,11 @@ def test_variant_needs_a_routed_strategy_and_inference_settings_only():
         validate_config(config_with(methods=[lora, variant()]))
     with pytest.raises(InputError, match="mask_ratio: Input should be less than 1"):
         validate_config(config_with(methods=[slim, variant(adapter={"mask_ratio": 1.5})]))
-    no_yielding = {"name": "slim", "strategy": "slim", "params": {"yield_scale": 0.0}}
+    no_yielding = {
+        "name": "slim",
+        "strategy": "slim",
+        "params": {"yield_scale": 0.0, "yield_pooling": "token"},
+    }
     with pytest.raises(InputError, match="yield_scale > 0 needs sliding clustering"):
         validate_config(config_with(methods=[no_yielding, variant(adapter={"yield_scale": 1.0})]))
 

@@ -47,7 +47,7 @@ def test_changed_options_equal_an_adapter_built_with_them_and_restore_exactly(al
 
 
 def test_bad_options_are_one_clear_error(batch):
-    model = _slim_model("tiny-llama", yield_scale=0.0)
+    model = _slim_model("tiny-llama", yield_scale=0.0, yield_pooling="token")
     with pytest.raises(InputError, match="'mask_ratoi' is unknown. Did you mean 'mask_ratio'"):
         set_inference_options(model, mask_ratoi=0.5)
     with pytest.raises(InputError, match="mask_ratio: Input should be less than 1"):

@@ -255,3 +255,48 @@ def test_gate_state_and_template_survive_save_and_load(tmp_path):
         ids = torch.tensor([formatter.prompt_ids(text)])
         with torch.no_grad():
             assert torch.equal(fresh(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def test_without_identity_experts_the_gate_is_a_plain_switch_in_front_of_the_experts():
+    """moe_lora with one expert, top-1 and the sample gate: LoRA on sequences the gate keeps, the
+    base model on those it yields (the gate-only baseline beside SLIM)."""
+    model, tokenizer = load_model("tiny-llama", seed=0)
+    config = AdapterConfig.moe_lora(r=4, num_experts=1, top_k=1, yield_pooling="sample", balance_weight=0.0)
+    inject_adapters(model, config, tokenizer=tokenizer)
+    randomize_adapters(model, seed=3, scale=0.3)
+    formatter = PromptFormatter(tokenizer)
+    ungated, _ = load_model("tiny-llama", seed=0)
+    inject_adapters(ungated, AdapterConfig.moe_lora(r=4, num_experts=1, top_k=1, balance_weight=0.0))
+    base, _ = load_model("tiny-llama", seed=0)
+    with torch.no_grad():  # same experts and router; the ungated copy has no clusters to copy
+        for name, tensor in ungated.state_dict(keep_vars=True).items():
+            tensor.copy_(model.state_dict()[name])
+    model.eval(), ungated.eval()
+    ids = torch.tensor([formatter.prompt_ids("glorp 4 and 5")])
+    with torch.no_grad():
+        set_inference_options(model, yield_threshold=1e9)
+        torch.testing.assert_close(model(input_ids=ids).logits, ungated(input_ids=ids).logits)
+        set_inference_options(model, yield_threshold=-1e9)
+        torch.testing.assert_close(model(input_ids=ids).logits, base(input_ids=ids).logits, rtol=0, atol=0)
+
+
+def test_in_training_the_clusters_learn_from_the_gate_pass_only_and_nothing_yields(monkeypatch):
+    from forgetless.adapters.clustering import SlidingClusters
+
+    model, tokenizer, formatter = _gated_model(threshold=-1e9)  # would yield everything at inference
+    calls = []
+    original = SlidingClusters.forward
+
+    def counted(self, *args, **kwargs):
+        calls.append(next(iter(adapter_layers(model).values())).context.gate_pass)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(SlidingClusters, "forward", counted)
+    prompt = formatter.prompt_ids("glorp 6 and 7")
+    ids = torch.tensor([prompt + [40, 41]])
+    labels = torch.tensor([[-100] * len(prompt) + [40, 41]])
+    model.train()
+    loss_sum, _ = AnswerOnlyLoss(model)(ids, torch.ones_like(ids), labels)
+    assert calls and all(calls)  # every clustering call came from the gate's base pass
+    loss_sum.backward()  # and the experts were used: training never yields
+    assert all(layer.lora_B.grad.abs().sum() > 0 for layer in adapter_layers(model).values())

@@ -187,10 +187,8 @@ class AdapterConfig(BaseModel):
                     )
             if self.yield_scale or self.mask_ratio:
                 raise ValueError("kind lora has no yielding or masking; use kind slim")
-        if self.yield_pooling != "token" and not self.num_identity_experts:
-            raise ValueError(
-                f"yield_pooling {self.yield_pooling} needs identity experts to yield to; use kind slim"
-            )
+        if self.yield_pooling == "prompt" and not self.num_identity_experts:
+            raise ValueError("yield_pooling prompt needs identity experts to yield to; use kind slim")
         total = self.num_experts + self.num_identity_experts
         if self.top_k > total:
             raise ValueError(f"top_k: {self.top_k} is more than the {total} experts; lower top_k")
@@ -263,10 +261,14 @@ class AdapterConfig(BaseModel):
 
     @property
     def uses_clustering(self) -> bool:
-        """Sliding clustering only matters when identity experts exist and yielding is on."""
-        return self.num_identity_experts > 0 and self.yield_scale > 0
+        """Sliding clustering matters when identity experts take a yielding shift, or when a
+        sample-level gate switches whole sequences to the base model."""
+        return (self.num_identity_experts > 0 and self.yield_scale > 0) or self.yield_pooling == "sample"
 
     @property
     def uses_sample_gate(self) -> bool:
-        """One yielding decision per sequence, from a base-model pass over its prompt (gate.py)."""
-        return self.uses_clustering and self.yield_pooling == "sample"
+        """One yielding decision per sequence, from a base-model pass over its prompt (gate.py):
+        the hard switch at ``yield_threshold`` always, the soft shift ``gamma * score`` on
+        identity experts where there are any. Without identity experts this is a plain
+        out-of-distribution switch in front of the experts (the gate-only baseline)."""
+        return self.yield_pooling == "sample"

@@ -157,7 +157,9 @@ class MixtureLinear(AdapterLayer):
             (None without clustering).
         """
         distance = signal
-        if self.clusters is None or signal is not None:
+        # sample-level yielding decides outside the layer (gate.py); its clusters learn in the
+        # gate's base pass only, never from the adapted tokens
+        if self.clusters is None or signal is not None or self.gate_moments is not None:
             logits = self.router_logits(x)
         else:
             cross = None

@@ -10,7 +10,8 @@ For every stage of the named methods of a ``forgetless run`` folder (e.g. the on
 2. for models with the sample-level gate: per task (the sequence tasks' test prompts, their
    paraphrases, and the reported general items) the mean gate score and the share of sequences
    that yield at the configured threshold and at 2 and 3 in-domain standard deviations, and the
-   ROC AUC of "a general prompt scores higher than an in-domain one" (``separation_auc``).
+   ROC AUC of "a general prompt scores higher than the prompt of a task learned so far"
+   (``separation_auc``), and the paraphrase scores again with the gate switched off;
 
 3. the final stage of every method and the base model scored again item by item on the reported
    general items and the sequence tasks' test items, for paired comparisons against the reference
@@ -39,7 +40,7 @@ import numpy as np
 import torch
 from scipy.stats import binomtest
 
-from forgetless.adapters import adapter_layers, separation_auc
+from forgetless.adapters import adapter_layers, separation_auc, set_inference_options
 from forgetless.adapters.gate import uses_sample_gate
 from forgetless.evaluation import evaluate_tasks
 from forgetless.experiment.inspect import prompt_batches
@@ -66,7 +67,9 @@ def _gate_scores(model, tokenizer, prompts: list[str]) -> torch.Tensor:
     return torch.cat(scores)
 
 
-def _gate_report(model, tokenizer, groups: dict[str, list[str]]) -> dict:
+def _gate_report(model, tokenizer, groups: dict[str, list[str]], learned: list[str]) -> dict:
+    """Gate statistics per prompt group; the AUC compares general prompts with the test prompts of
+    the tasks ``learned`` so far (later tasks are still out of domain, and should be)."""
     threshold = next(iter(adapter_layers(model).values())).config.yield_threshold
     report, in_domain, general = {}, [], []
     for name, prompts in groups.items():
@@ -78,7 +81,10 @@ def _gate_report(model, tokenizer, groups: dict[str, list[str]]) -> dict:
             "yielded_at_2": float((scores >= 2).float().mean()),
             "yielded_at_3": float((scores >= 3).float().mean()),
         }
-        (general if name == "general" else in_domain).append(scores)
+        if name == "general":
+            general.append(scores)
+        elif name in learned:
+            in_domain.append(scores)
     report["auc_general_vs_tasks"] = separation_auc(torch.cat(in_domain), torch.cat(general))
     return report
 
@@ -146,16 +152,22 @@ def compare_final(run: Path, methods: list[str], reference: str, sequence: list[
     model, tokenizer = load_model(config["model"], seed=config["seed"])
     print("base model, item by item ...", flush=True)
     base = _items(model, tokenizer, general)
-    finals = {}
+    finals, out_paraphrase = {}, {}
     for method in [reference] + [m for m in methods if m != reference]:
         print(f"{method} final stage, item by item ...", flush=True)
         model, tokenizer = load_stage(_stage_folders(run / "methods" / method)[-1])
-        items = _items(model, tokenizer, general + tasks)
+        paraphrases = [
+            get_task(f"{t.name}_paraphrase")
+            for t in tasks
+            if f"{t.name}_paraphrase" in suites()["paraphrase"]
+        ]
+        items = _items(model, tokenizer, general + tasks + paraphrases)
+        out_paraphrase[method] = {t.name: float(items[t.name].mean()) for t in paraphrases}
         finals[method] = (
             {t.name: items[t.name] for t in general},
             {t.name: items[t.name] for t in tasks},
         )
-    out: dict = {"base_general_average": _average(base)}
+    out: dict = {"base_general_average": _average(base), "final_paraphrase": out_paraphrase}
     for method, (general_items, task_items) in finals.items():
         out[f"{method}_retention"] = _average(general_items) / _average(base)
         out[f"{method}_final_average"] = _average(task_items)
@@ -191,7 +203,13 @@ def study(run: Path, methods: list[str]) -> dict:
                 groups = {name: [e.prompt for e in get_task(name).test] for name in sequence}
                 groups.update({name: [e.prompt for e in get_task(name).test] for name in paraphrase.values()})
                 groups["general"] = general_prompts
-                entry["gate"] = _gate_report(model, tokenizer, groups)
+                entry["gate"] = _gate_report(model, tokenizer, groups, sequence[: stage + 1])
+                # the same adapter with the gate never yielding: is a paraphrase failure the gate's?
+                set_inference_options(model, yield_threshold=1e9, yield_scale=0.0)
+                ungated = evaluate_tasks(model, tokenizer, list(paraphrase.values()), batch_size=16)
+                entry["paraphrase_gate_off"] = {
+                    task: ungated[name].score for task, name in paraphrase.items()
+                }
             results[method][stage] = entry
             print(json.dumps(entry, indent=1), flush=True)
     return results

@@ -17,7 +17,7 @@ def test_tasks_json_lists_suites(capsys):
     assert main(["tasks", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     suites = {row["suite"] for row in rows}
-    assert suites == {"new_knowledge", "general"}
+    assert suites == {"new_knowledge", "general", "paraphrase"}
     assert all(row["test"] > 0 for row in rows)
 
 

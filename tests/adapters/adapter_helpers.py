@@ -18,3 +18,19 @@ def randomize_adapters(model, seed: int = 1, scale: float = 0.5) -> None:
 def logits(model, batch) -> torch.Tensor:
     with torch.no_grad():
         return model(**batch).logits
+
+
+def recompute_greedy(model, prompt, steps, stop_ids) -> list[int]:
+    """Greedy decoding without a cache: every step runs prompt + reply again, the prompt marked
+    with ``prompt_boundary`` (a no-op for models without the sample-level gate)."""
+    from forgetless.adapters.gate import prompt_boundary
+
+    row = list(prompt)
+    for _ in range(steps):
+        boundary = torch.tensor([[True] * len(prompt) + [False] * (len(row) - len(prompt))])
+        with torch.no_grad(), prompt_boundary(model, boundary):
+            token = int(model(input_ids=torch.tensor([row])).logits[0, -1].argmax())
+        if token in stop_ids:
+            break
+        row.append(token)
+    return row[len(prompt) :]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from adapter_helpers import logits, randomize_adapters
+from adapter_helpers import logits, randomize_adapters, recompute_greedy
 
 from forgetless import load_model
 from forgetless.adapters import (
@@ -85,25 +85,13 @@ def test_cached_decoding_equals_one_full_forward():
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-4, atol=1e-5)
 
 
-def _recompute_greedy(model, prompt, steps, stop_ids):
-    """Greedy decoding without a cache: every step runs the whole sequence again."""
-    row = list(prompt)
-    for _ in range(steps):
-        with torch.no_grad():
-            token = int(model(input_ids=torch.tensor([row])).logits[0, -1].argmax())
-        if token in stop_ids:
-            break
-        row.append(token)
-    return row[len(prompt) :]
-
-
 def test_batched_generation_with_dropped_rows_equals_recomputing_each_prompt():
     model, tokenizer = _pooled_model(yield_skip=2)
     texts = ["Hello there, how are you doing today my friend?", "Hi", "The capital of France is a city"]
     prompts = [tokenizer(text).input_ids for text in texts]
-    free = [_recompute_greedy(model, p, 6, set()) for p in prompts]
+    free = [recompute_greedy(model, p, 6, set()) for p in prompts]
     stop = {free[1][2]} if free[1][2] not in free[0] else {free[1][1]}  # ends some rows early
-    reference = [_recompute_greedy(model, p, 6, stop) for p in prompts]
+    reference = [recompute_greedy(model, p, 6, stop) for p in prompts]
     assert len({len(r) for r in reference}) > 1  # rows really leave the batch at different steps
     batched = generate_greedy(
         model, prompts, lambda ids: tokenizer.decode(ids), max_new_tokens=6,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from adapter_helpers import randomize_adapters
+from adapter_helpers import randomize_adapters, recompute_greedy
 
 from forgetless import load_model
 from forgetless.adapters import (
@@ -146,28 +146,15 @@ def test_full_forward_with_boundary_equals_prefill_and_cached_decoding():
     assert not torch.allclose(unmarked, full)
 
 
-def _recompute_greedy(model, prompt, steps, stop_ids):
-    """Greedy decoding without a cache: every step runs prompt + reply again, prompt marked."""
-    row = list(prompt)
-    for _ in range(steps):
-        boundary = torch.tensor([[True] * len(prompt) + [False] * (len(row) - len(prompt))])
-        with torch.no_grad(), prompt_boundary(model, boundary):
-            token = int(model(input_ids=torch.tensor([row])).logits[0, -1].argmax())
-        if token in stop_ids:
-            break
-        row.append(token)
-    return row[len(prompt) :]
-
-
 def test_batched_generation_with_left_padding_and_dropped_rows_equals_one_by_one():
     model, tokenizer, formatter = _gated_model(threshold=0.0)  # some prompts yield, some do not
     texts = ["Hello there, how are you doing today my friend?", "Hi", "glorp 3 and 4", "zorb the glorp"]
     prompts = [formatter.prompt_ids(text) for text in texts]
     with torch.no_grad():
         model(**{"input_ids": torch.tensor([prompts[1]])})
-    free = [_recompute_greedy(model, p, 6, set()) for p in prompts]
+    free = [recompute_greedy(model, p, 6, set()) for p in prompts]
     stop = {free[1][2]} if free[1][2] not in free[0] else {free[1][1]}
-    reference = [_recompute_greedy(model, p, 6, stop) for p in prompts]
+    reference = [recompute_greedy(model, p, 6, stop) for p in prompts]
     batched = generate_greedy(
         model, prompts, lambda ids: tokenizer.decode(ids), max_new_tokens=6,
         pad_id=tokenizer.pad_token_id, stop_token_ids=stop, batch_size=4,

@@ -27,7 +27,7 @@ PARAPHRASES = ["Compute {a} glorp {b}.", "Tell me the result of {a} glorp {b}, p
 def _pairs(seed: int) -> list[tuple[int, int]]:
     pairs = [(a, b) for a in range(100) for b in range(100) if a != b]
     random.Random(17_000 + seed).shuffle(pairs)
-    return pairs[:220]
+    return pairs[:320]  # 170 training pairs, then 150 test pairs (the first 50 the original test set)
 
 
 @register_task("glorp_arithmetic", suite="new_knowledge")

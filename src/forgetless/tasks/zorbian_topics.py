@@ -45,10 +45,11 @@ PARAPHRASES = [
 ]
 
 
-def _sentences(rng: random.Random, count: int) -> list[tuple[str, str]]:
-    """``count`` distinct (sentence, label) pairs, balanced over the four topics."""
+def _sentences(rng: random.Random, count: int, seen: set[str] | None = None) -> list[tuple[str, str]]:
+    """``count`` distinct (sentence, label) pairs, balanced over the four topics, none in ``seen``
+    (which gains them)."""
     out: list[tuple[str, str]] = []
-    seen: set[str] = set()
+    seen = set() if seen is None else seen
     topics = list(LABELS)
     while len(out) < count:  # every topic has hundreds of distinct sentences, so this ends
         topic = topics[len(out) % len(topics)]
@@ -60,13 +61,23 @@ def _sentences(rng: random.Random, count: int) -> list[tuple[str, str]]:
     return out
 
 
+def _split(seed: int) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """(train, test) pairs: 160 and 150, all distinct, so no test sentence is a training sentence.
+
+    The first 60 test pairs are the task's original test set; 90 more were drawn after it (after
+    the training order was shuffled), so the training data and its order are unchanged."""
+    rng, seen = random.Random(11_000 + seed), set()
+    pairs = _sentences(rng, 220, seen)
+    train = pairs[:160]
+    rng.shuffle(train)
+    return train, pairs[160:] + _sentences(rng, 90, seen)
+
+
 @register_task("zorbian_topics", suite="new_knowledge")
 def build(seed: int = 0) -> Task:
-    rng = random.Random(11_000 + seed)
-    pairs = _sentences(rng, 220)  # distinct, so no test sentence is a training sentence
-    train = [Example(PROMPT.format(sentence=sentence), label) for sentence, label in pairs[:160]]
-    test = [Example(PROMPT.format(sentence=sentence), label) for sentence, label in pairs[160:]]
-    rng.shuffle(train)
+    pairs, tests = _split(seed)
+    train = [Example(PROMPT.format(sentence=sentence), label) for sentence, label in pairs]
+    test = [Example(PROMPT.format(sentence=sentence), label) for sentence, label in tests]
     return Task(
         name="zorbian_topics",
         train=train,
@@ -81,9 +92,8 @@ def build(seed: int = 0) -> Task:
 
 @register_task("zorbian_topics_paraphrase", suite="paraphrase")
 def build_paraphrase(seed: int = 0) -> Task:
-    pairs = _sentences(random.Random(11_000 + seed), 220)[160:]
     test = [
         Example(PARAPHRASES[i % len(PARAPHRASES)].format(sentence=sentence), label)
-        for i, (sentence, label) in enumerate(pairs)
+        for i, (sentence, label) in enumerate(_split(seed)[1])
     ]
     return paraphrase_of(build(seed), test)

@@ -45,6 +45,11 @@ def test_run_writes_matrices_and_resumes(tmp_path):
         assert len(entry["matrix"]) == 3 and len(entry["matrix"][0]) == 2  # base + 2 stages, 2 tasks
         assert entry["matrix"][0] == results["methods"]["seq_lora"]["matrix"][0]  # one shared base row
         assert "bwt" in entry["metrics"] and "retention" in entry["metrics"]
+        # every cell is the mean of its items' outcomes, kept per row and task
+        for row, items, general in zip(entry["matrix"], entry["items"], entry["general"]):
+            for name, value in zip(results["tasks"] + results["general"], row + general):
+                assert len(items[name]["score"]) == len(items[name]["prediction"]) == 3
+                assert sum(items[name]["score"]) / 3 == pytest.approx(value)
     saved = json.loads((tmp_path / "run" / "results.json").read_text())
     assert scores(saved) == scores(results)
     start = time.perf_counter()

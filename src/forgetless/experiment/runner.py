@@ -103,6 +103,16 @@ def combine_tasks(tasks: list[Task], seed: int) -> Task:
     )
 
 
+def item_outcomes(score: Any) -> dict[str, list[Any]]:
+    """One task's per-item outcomes, in the order of its scored items (limits applied): each
+    item's ``score`` and ``prediction`` (the generated text, or the chosen option's index for
+    log-likelihood tasks), so any statistic can be recomputed without rerunning a model."""
+    return {
+        "score": [detail["score"] for detail in score.details],
+        "prediction": [detail.get("prediction", detail.get("predicted")) for detail in score.details],
+    }
+
+
 class Runner:
     """Runs one experiment config into ``out_dir``; ``run()`` returns the results dict."""
 
@@ -150,6 +160,7 @@ class Runner:
             "tasks": {task.name: scores[task.name].score for task in self.tasks},
             "general": {task.name: scores[task.name].score for task in self.general},
             "seconds": round(time.perf_counter() - start, 2),
+            "items": {task.name: item_outcomes(scores[task.name]) for task in self.scored + self.general},
         }
         cache.put(key, row)
         return row
@@ -349,6 +360,9 @@ class Runner:
                 "general": general,
                 "metrics": metrics(matrix, general),
                 "seconds": self.timings.get(method.name),
+                # per stage (base first), per task: item outcomes; None for rows cached before
+                # forgetless kept them
+                "items": [row.get("items") for row in rows],
             }
         return {
             "run": self.config.model_dump(mode="json"),

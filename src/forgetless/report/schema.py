@@ -14,7 +14,11 @@
           "general":    [[..], [..], [..]],   # G: (stages + 1) x len(general), same rows as R
           "learned_at": [1, 2],               # optional: row after which each task was trained
           "metrics":    {...},                # continual_metrics(R, G, learned_at); filled if absent
-          "seconds":    12.3                  # optional: wall time of the method
+          "seconds":    12.3,                 # optional: wall time of the method
+          "items":      [{"t1": {"score": [..], "prediction": [..]}, ...}, ...]
+                                              # optional: per row, per task (sequence and general),
+                                              # every scored item's outcome in item order; a row
+                                              # may be null (scored before items were kept)
         }
       }
     }

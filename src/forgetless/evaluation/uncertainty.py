@@ -197,3 +197,86 @@ def minimum_detectable_difference(
     if excess(top) < 0:
         return top
     return float(brentq(excess, 0.0, top))
+
+
+def default_reference(results: dict[str, Any]) -> str | None:
+    """The method every other is compared with: ``run.report.reference`` when set, else the first
+    sequential-LoRA method, else the first method."""
+    methods = results["methods"]
+    run = results.get("run") if isinstance(results.get("run"), dict) else {}
+    wanted = (run.get("report") or {}).get("reference") if isinstance(run.get("report"), dict) else None
+    if wanted in methods:
+        return wanted
+    for name, entry in methods.items():
+        if entry.get("kind") == "sequential_lora":
+            return name
+    return next(iter(methods), None)
+
+
+def _final_items(entry: dict[str, Any], names: Sequence[str]) -> np.ndarray:
+    return np.concatenate([np.asarray(entry["items"][-1][name]["score"], dtype=float) for name in names])
+
+
+def uncertainty(results: dict[str, Any], draws: int = DRAWS, seed: int = 0) -> dict[str, dict[str, Any]]:
+    """Per method with item outcomes: ``n`` per task, the interval of every cell (``cells``:
+    ``matrix`` and ``general``, each [low, high] per cell), of every derived metric
+    (``metrics``), and against the reference method (``reference``, ``vs_reference``: the paired
+    difference and its interval per metric; ``mcnemar``: exact p-values of the final stage's
+    pooled binary items, ``general`` and ``tasks``, None for graded items)."""
+    sampler = ItemResampler(results, draws=draws, seed=seed)
+    reference = default_reference(results)
+    tasks, general = sampler.tasks, sampler.general
+    out: dict[str, dict[str, Any]] = {}
+    for name, entry in sampler.methods.items():
+        first = entry["items"][0]
+        cells = {
+            key: [
+                [list(cell_interval(row[task]["score"], seed=seed)) for task in names]
+                for row in entry["items"]
+            ]
+            for key, names in (("matrix", tasks), ("general", general))
+        }
+        metrics = {metric: sampler.interval(name, metric) for metric in METRICS}
+        report: dict[str, Any] = {
+            "n": {task: len(first[task]["score"]) for task in tasks + general},
+            "cells": cells,
+            "metrics": {k: list(v) for k, v in metrics.items() if v is not None},
+            "reference": reference,
+        }
+        if reference in sampler.methods and reference != name:
+            report["vs_reference"] = _versus(sampler, name, reference, results["methods"])
+            ref_entry = sampler.methods[reference]
+            report["mcnemar"] = {
+                key: _mcnemar(entry, ref_entry, names)
+                for key, names in (("general", general), ("tasks", tasks))
+            }
+        out[name] = report
+    return out
+
+
+def _versus(sampler: ItemResampler, name: str, reference: str, methods: dict[str, Any]) -> dict[str, Any]:
+    versus = {}
+    for metric in METRICS:
+        interval = sampler.difference(name, reference, metric)
+        ours, theirs = _point(methods[name], metric), _point(methods[reference], metric)
+        if interval is None or ours is None or theirs is None:
+            continue
+        versus[metric] = {"difference": ours - theirs, **interval}
+    return versus
+
+
+def _point(entry: dict[str, Any], metric: str) -> float | None:
+    metrics = entry.get("metrics") or {}
+    if metric == "general_final_average":
+        stages = metrics.get("general_average_per_stage")
+        return stages[-1] if stages else None
+    return metrics.get(metric)
+
+
+def _mcnemar(entry: dict[str, Any], reference: dict[str, Any], names: Sequence[str]) -> float | None:
+    if not names:
+        return None
+    ours, theirs = _final_items(entry, names), _final_items(reference, names)
+    if not (_binary(ours) and _binary(theirs)) or ours.size != theirs.size:
+        return None
+    return mcnemar_exact(ours, theirs)

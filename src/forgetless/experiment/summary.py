@@ -25,10 +25,43 @@ def summary_rows(results: dict[str, Any]) -> list[dict[str, str]]:
     return rows
 
 
+def _share(value: float, bounds: list[float] | None) -> str:
+    return f"{100 * value:.1f}%" + (f" [{100 * bounds[0]:.1f}, {100 * bounds[1]:.1f}]" if bounds else "")
+
+
+def conclusions(results: dict[str, Any]) -> list[str]:
+    """One line per method compared with the reference: how much general ability each keeps, the
+    paired difference with its 95% interval, and whether the interval resolves it."""
+    lines = []
+    methods = results["methods"]
+    for name, entry in methods.items():
+        known = entry.get("uncertainty") or {}
+        versus = (known.get("vs_reference") or {}).get("retention")
+        reference = known.get("reference")
+        if versus is None or reference not in methods:
+            continue
+        ours, theirs = entry["metrics"]["retention"], methods[reference]["metrics"]["retention"]
+        bounds = (known.get("metrics") or {}).get("retention")
+        reference_bounds = ((methods[reference].get("uncertainty") or {}).get("metrics") or {}).get(
+            "retention"
+        )
+        low, high = 100 * versus["low"], 100 * versus["high"]
+        verdict = "resolved" if low > 0 or high < 0 else "not resolved: the interval includes 0"
+        lines.append(
+            f"{name} keeps {_share(ours, bounds)} of general ability, {reference} {_share(theirs, reference_bounds)}; "
+            f"difference {100 * versus['difference']:+.1f} points [{low:+.1f}, {high:+.1f}] ({verdict})"
+        )
+    return lines
+
+
 def print_summary(results: dict[str, Any], report_path: str | None = None) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from forgetless.report import with_metrics
+
+    if not any("uncertainty" in entry for entry in results["methods"].values()):
+        results = with_metrics(results)  # intervals, where the run kept its item outcomes
     rows = summary_rows(results)
     if not rows:
         return
@@ -49,5 +82,7 @@ def print_summary(results: dict[str, Any], report_path: str | None = None) -> No
     console.print(
         "BWT: mean over earlier tasks of (final - just learned), in points; general: mean of the general suite (change vs base)"
     )
+    for line in conclusions(results):
+        console.print(line, highlight=False)
     if report_path:
         console.print(f"report: {report_path}")

@@ -109,12 +109,19 @@ def compute_metrics(method_entry: dict[str, Any]) -> dict[str, Any]:
 
 
 def with_metrics(results: dict[str, Any]) -> dict[str, Any]:
-    """A copy of ``results`` (validated) whose every method has freshly computed ``metrics``."""
+    """A copy of ``results`` (validated) whose every method has freshly computed ``metrics``, and
+    ``uncertainty`` (``forgetless.evaluation.uncertainty``) where it kept its item outcomes."""
+    from forgetless.evaluation.uncertainty import uncertainty
+
     validate_results(results)
     methods = {}
     for name, entry in results["methods"].items():
         methods[name] = {**entry, "metrics": compute_metrics(entry)}
-    return {**results, "general": results.get("general", []), "methods": methods}
+    out = {**results, "general": results.get("general", []), "methods": methods}
+    # intervals and paired comparisons, for the methods that kept their item outcomes
+    for name, report in uncertainty(out).items():
+        methods[name]["uncertainty"] = report
+    return out
 
 
 def load_results(source: str | os.PathLike | dict[str, Any]) -> dict[str, Any]:

@@ -35,6 +35,22 @@ def percent(value: float | None, digits: int = 1) -> str:
     return "–" if value is None else f"{100 * value:+.{digits}f}%"
 
 
+def interval(value: float | None, bounds: list[float] | None, kind: str = "score") -> str:
+    """A value with its 95% interval: ``0.527 [0.491, 0.563]`` (score), ``-45.0% [-60.1, -30.2]``
+    (percent), ``+0.041 [+0.012, +0.070]`` (signed); the plain value when there is no interval."""
+    if value is None:
+        return "–"
+    if kind == "percent":
+        plain = percent(value)
+        return plain if not bounds else f"{plain} [{100 * bounds[0]:+.1f}, {100 * bounds[1]:+.1f}]"
+    if kind == "share":
+        plain = f"{100 * value:.1f}%"
+        return plain if not bounds else f"{plain} [{100 * bounds[0]:.1f}, {100 * bounds[1]:.1f}]"
+    if kind == "signed":
+        return f"{value:+.4f}" if not bounds else f"{value:+.3f} [{bounds[0]:+.3f}, {bounds[1]:+.3f}]"
+    return score(value) if not bounds else f"{value:.3f} [{bounds[0]:.3f}, {bounds[1]:.3f}]"
+
+
 def _span(stage: int) -> str:
     """Paper row names: 1, 1,2, 1-3, 1-4 ..."""
     return {1: "1", 2: "1,2"}.get(stage, f"1-{stage}")
@@ -50,10 +66,15 @@ def _matrix_table(
 ) -> Table:
     metrics = entry["metrics"]
     labels = stage_labels(entry)
+    known = entry.get("uncertainty") or {}
+    cells = (known.get("cells") or {}).get("matrix" if bwt else "general")
     rows = []
     for index, values in enumerate(matrix):
         name = "base" if index == 0 else f"{method} {_span(index)}"
-        rows.append([name, *[score(v) for v in values], score(_mean(values))])
+        shown = [interval(v, cells[index][j] if cells else None) for j, v in enumerate(values)]
+        rows.append([name, *shown, score(_mean(values))])
+    if known.get("n"):
+        columns = [f"{c} (n={known['n'][c]})" if c in known["n"] else c for c in columns]
     prefix = "general_" if not bwt else ""
     gains = metrics[f"{prefix}gain_from_base"]
     rows.append(["gain base", *[percent(g, 2) for g in gains], percent(metrics[f"{prefix}gain_average"], 1)])
@@ -106,25 +127,27 @@ def summary_table(results: dict[str, Any]) -> Table:
     rows = []
     for method, entry in results["methods"].items():
         m = entry["metrics"]
+        bounds = (entry.get("uncertainty") or {}).get("metrics") or {}
         general_last = m.get("general_average_per_stage", [None])[-1]
         rows.append(
             [
                 method,
-                score(m["acquisition_average"]),
-                score(m["final_average"]),
-                percent(m["bwt"]),
-                "–" if m["bwt_absolute"] is None else f"{m['bwt_absolute']:+.4f}",
-                "–" if m["fwt"] is None else f"{m['fwt']:+.4f}",
+                interval(m["acquisition_average"], bounds.get("acquisition_average")),
+                interval(m["final_average"], bounds.get("final_average")),
+                interval(m["bwt"], bounds.get("bwt"), "percent"),
+                interval(m["bwt_absolute"], bounds.get("bwt_absolute"), "signed"),
+                interval(m["fwt"], bounds.get("fwt"), "signed"),
                 percent(m["gain_average"]),
-                score(general_last),
-                "–" if m.get("retention") is None else f"{100 * m['retention']:.1f}%",
+                interval(general_last, bounds.get("general_final_average")),
+                interval(m.get("retention"), bounds.get("retention"), "share"),
             ]
         )
     note = (
         "acquisition: mean of R[s_j][j] (score right after learning task j); BWT: mean relative change "
         "from then to the end; BWT (abs): the same as a difference; FWT: R[s_j-1][j] - R[0][j]; "
         "gain base: relative change of the final AVE over the base; general: mean general-suite score "
-        "after the last stage; retention: that over the base's."
+        "after the last stage; retention: that over the base's. Brackets: 95% intervals (stratified "
+        "bootstrap over each task's items, 2,000 draws, seed 0) where the run kept its item outcomes."
     )
     return Table("Summary: every method after its last stage", header, rows, note=note)
 
@@ -135,21 +158,85 @@ def final_table(results: dict[str, Any]) -> Table:
     header = ["", *results["tasks"], "AVnew", *general, *(["AVgen"] if general else [])]
     first = next(iter(results["methods"].values()))
 
-    def row(name: str, tasks: list, gen: list | None) -> list[str]:
-        cells = [name, *[score(v) for v in tasks], score(_mean(tasks))]
+    def row(name: str, tasks: list, gen: list | None, entry: dict[str, Any], at: int) -> list[str]:
+        known = (entry.get("uncertainty") or {}).get("cells") or {}
+        task_cells = known.get("matrix", [None] * len(entry["matrix"]))[at] or [None] * len(tasks)
+        cells = [name, *[interval(v, b) for v, b in zip(tasks, task_cells)], score(_mean(tasks))]
         if general:
             gen = gen or [None] * len(general)
-            cells += [*[score(v) for v in gen], score(_mean(gen))]
+            general_cells = (known.get("general") or [[None] * len(general)] * len(entry["matrix"]))[at]
+            cells += [*[interval(v, b) for v, b in zip(gen, general_cells)], score(_mean(gen))]
         return cells
 
-    rows = [row("base", first["matrix"][0], (first.get("general") or [None])[0])]
+    rows = [row("base", first["matrix"][0], (first.get("general") or [None])[0], first, 0)]
     for method, entry in results["methods"].items():
-        rows.append(row(method, entry["matrix"][-1], (entry.get("general") or [None])[-1]))
+        rows.append(row(method, entry["matrix"][-1], (entry.get("general") or [None])[-1], entry, -1))
     return Table("Final scores: base and every method after its last stage", header, rows)
 
 
+COMPARED = (
+    ("retention", "retention", "share"),
+    ("general_final_average", "general", "signed"),
+    ("final_average", "final AVE", "signed"),
+    ("acquisition_average", "acquisition", "signed"),
+    ("bwt_absolute", "BWT (abs)", "signed"),
+)
+
+
+def comparison_table(results: dict[str, Any]) -> Table | None:
+    """Every method minus the reference method on the same items: the difference of each metric
+    with its paired 95% interval (``*``: the interval excludes 0), and exact McNemar p-values of
+    the final stage's binary items (general suite, new tasks)."""
+    rows, reference = [], None
+    for method, entry in results["methods"].items():
+        known = entry.get("uncertainty") or {}
+        reference = reference or known.get("reference")
+        versus = known.get("vs_reference")
+        if not versus:
+            continue
+        cells = [method]
+        for metric, _, kind in COMPARED:
+            found = versus.get(metric)
+            if found is None:
+                cells.append("–")
+                continue
+            shown = kind if kind != "share" else "signed_share"
+            text = _difference(found, shown)
+            cells.append(text + (" *" if found["low"] > 0 or found["high"] < 0 else ""))
+        tests = known.get("mcnemar") or {}
+        cells += ["–" if tests.get(k) is None else f"{tests[k]:.2g}" for k in ("general", "tasks")]
+        rows.append(cells)
+    if not rows:
+        return None
+    header = [
+        "method",
+        *[f"Δ {label}" for _, label, _ in COMPARED],
+        "McNemar p (general)",
+        "McNemar p (tasks)",
+    ]
+    note = (
+        f"method minus {reference} on the same items after the last stage; brackets: 95% paired "
+        "bootstrap interval (items resampled within each task, the same draw for both methods); "
+        "*: the interval excludes 0. McNemar: exact test on the pooled binary items."
+    )
+    return Table(f"Paired comparison with {reference}", header, rows, note=note)
+
+
+def _difference(found: dict[str, float], kind: str) -> str:
+    if kind == "signed_share":
+        d, low, high = (100 * found[k] for k in ("difference", "low", "high"))
+        return f"{d:+.1f} pts [{low:+.1f}, {high:+.1f}]"
+    return interval(found["difference"], [found["low"], found["high"]], "signed")
+
+
 def all_tables(results: dict[str, Any]) -> list[Table]:
-    return [summary_table(results), final_table(results), *method_tables(results)]
+    comparison = comparison_table(results)
+    return [
+        summary_table(results),
+        *([comparison] if comparison else []),
+        final_table(results),
+        *method_tables(results),
+    ]
 
 
 def to_markdown(table: Table) -> str:

@@ -105,6 +105,26 @@ def test_demo_example_is_the_packaged_demo():
     assert (Path(__file__).parent.parent / "examples" / "demo.yaml").read_text(encoding="utf-8") == packaged
 
 
+def test_report_reference_names_an_evaluated_method():
+    methods = [{"name": "lora", "strategy": "sequential_lora"}, {"name": "slim", "strategy": "slim"}]
+    assert (
+        validate_config(config_with(methods=methods, report={"reference": "slim"})).report.reference == "slim"
+    )
+    with pytest.raises(
+        InputError, match=r"report.reference: 'slm' is not an evaluated method.*Did you mean 'slim'"
+    ):
+        validate_config(config_with(methods=methods, report={"reference": "slm"}))
+
+
+def test_report_reference_picks_the_compared_method():
+    from forgetless.evaluation.uncertainty import default_reference
+
+    methods = {"a": {"kind": "slim"}, "b": {"kind": "sequential_lora"}, "c": {"kind": "sequential_lora"}}
+    assert default_reference({"methods": methods}) == "b"
+    assert default_reference({"methods": methods, "run": {"report": {"reference": "c"}}}) == "c"
+    assert default_reference({"methods": {"a": {"kind": "slim"}}}) == "a"
+
+
 def test_replay_in_semi_cooperative_setting_is_an_error():
     with pytest.raises(InputError, match="strategy 'replay' needs setting fully_cooperative"):
         validate_config(config_with(methods=[{"name": "r", "strategy": "replay"}]))

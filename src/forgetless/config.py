@@ -155,6 +155,17 @@ class EvaluationSpec(BaseModel):
     batch_size: int = Field(16, ge=1, description="evaluation batch size")
 
 
+class ReportSpec(BaseModel):
+    """How the report compares the methods."""
+
+    model_config = ConfigDict(extra="forbid")
+    reference: str | None = Field(
+        None,
+        description="the method every other is compared with, item by item (paired intervals, McNemar); "
+        "default: the first sequential-LoRA method, else the first method",
+    )
+
+
 class ExperimentConfig(BaseModel):
     """The whole comparison: model x task sequence x methods, evaluated after every stage."""
 
@@ -180,6 +191,7 @@ class ExperimentConfig(BaseModel):
     train: dict[str, Any] = Field(default_factory=dict, description="training settings for every method")
     methods: list[MethodSpec] = Field(min_length=1, description="methods to compare")
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
+    report: ReportSpec = Field(default_factory=ReportSpec)
     output: str | None = Field(None, description="output folder (default runs/<name>)")
     base_dir: str = Field(".", description="folder that relative data paths start from (set by the loader)")
 
@@ -308,6 +320,12 @@ def check_config(config: ExperimentConfig, source: str = "config") -> None:
         expand_task_names(builtin)
     except InputError as error:
         raise InputError(f"{source}: {error}") from None
+    reference = config.report.reference
+    if reference is not None and reference not in [m.name for m in config.methods if m.evaluate]:
+        raise InputError(
+            f"{source}: report.reference: '{reference}' is not an evaluated method of this config."
+            f"{did_you_mean(reference, names)} Name one of: {', '.join(m.name for m in config.methods if m.evaluate)}"
+        )
     for field in ("general", "validation_general"):
         _check_general(getattr(config.evaluation, field) or [], task_names, f"{source}: evaluation.{field}")
     for index, method in enumerate(config.methods):

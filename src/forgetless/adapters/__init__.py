@@ -10,6 +10,7 @@ from forgetless.adapters.base import ADAPTER_LAYERS, AdapterLayer
 from forgetless.adapters.clustering import SlidingClusters
 from forgetless.adapters.config import ATTENTION_PROJECTIONS, MLP_PROJECTIONS, AdapterConfig
 from forgetless.adapters.diagnostics import routing_diagnostics, separation_auc
+from forgetless.adapters.gate import open_gate_task
 from forgetless.adapters.inject import (
     INFERENCE_FIELDS,
     adapter_layers,
@@ -51,6 +52,7 @@ __all__ = [
     "load_adapter",
     "lora_factors",
     "merge_adapters",
+    "open_gate_task",
     "remove_adapters",
     "reorder_sequence_state",
     "routing_diagnostics",

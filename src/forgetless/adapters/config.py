@@ -72,7 +72,11 @@ class AdapterConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     #: filled when the adapter is built, from the tokenizer (``inject_adapters(..., tokenizer=)``)
-    DERIVED_FIELDS: ClassVar[tuple[str, ...]] = ("template_prefix_ids", "template_suffix_ids")
+    DERIVED_FIELDS: ClassVar[tuple[str, ...]] = (
+        "template_prefix_ids",
+        "template_suffix_ids",
+        "gate_earlier_tasks",
+    )
 
     kind: str = Field("slim", description="adapter kind: lora, moe_lora or slim")
     r: int = Field(16, ge=1, description="rank of every LoRA expert")
@@ -126,6 +130,18 @@ class AdapterConfig(BaseModel):
         3.0,
         description="sample pooling: a sequence whose gate score (in-domain z-score) reaches this value "
         "yields fully: it runs the base model's path with no expert work",
+    )
+    gate_statistics: Literal["per_task", "shared"] = Field(
+        "per_task",
+        description="sample pooling: per_task keeps the gate's clusters and moments of every training stage "
+        "apart (frozen when the next stage starts) and scores a prompt by its distance to the nearest "
+        "task; shared keeps one set that every stage updates",
+    )
+    gate_earlier_tasks: int = Field(
+        0,
+        ge=0,
+        description="sample pooling, per_task: how many earlier stages' gate statistics the adapter holds "
+        "(set by open_gate_task when a stage continues the adapter)",
     )
     template_prefix_ids: list[int] = Field(
         default_factory=list,

@@ -14,6 +14,15 @@ mean over a prompt's content tokens does (AUC 0.999 averaged over layers). So, p
    sequences' pooled values (``RunningMoments``). The gate score of the sequence is the mean of
    these z-scores over the layers. It depends on the prompt only, never on the adapter's weights,
    so it does not drift while the experts learn, and every task seen in training stays in-domain.
+   **Per-task statistics** (``gate_statistics: per_task``, the default): when a later stage
+   continues the adapter (``open_gate_task``), every layer freezes the clusters and moments of
+   the stage just trained and starts empty ones; a prompt's score is then the score against its
+   *nearest* stage (the minimum over stages of the layer-mean z-score). Shared statistics
+   (``shared``) mix every stage into one set, whose spread grows with each new task until general
+   prompts no longer stand out: on SmolLM2-135M after two stages the mean general score fell from
+   +8.6 to +1.5 in-domain standard deviations (no general prompt yielding at 3), while per-task
+   statistics kept it at +8.6 (all yielding) and every learned task's prompts at 0% yield
+   (docs/results.md, protocol C).
 2. **Content tokens** are the prompt's real tokens minus the chat template's fixed parts: the
    leading tokens that match the template's prefix (system turn, user header) and the closing
    tokens that match its suffix (end of turn, assistant header), both derived from the tokenizer
@@ -73,6 +82,55 @@ class RunningMoments(nn.Module):
         """(N,) values -> (N,) z-scores against the moments."""
         sigma = (self.sequence_square - self.sequence_mean**2).clamp_min(_EPS).sqrt()
         return (values - self.sequence_mean) / sigma
+
+
+class GateStatistics(nn.Module):
+    """What the gate learned of one earlier training stage's prompts in one layer: its sliding
+    clusters and the moments of the prompts' pooled distance to them (frozen)."""
+
+    def __init__(self, clusters: nn.Module, moments: RunningMoments) -> None:
+        super().__init__()
+        self.clusters = clusters
+        self.moments = moments
+
+
+def pooled_distance(clusters: nn.Module, tokens: Tensor, content: Tensor, learn: bool) -> Tensor:
+    """(B,) mean calibrated distance of each row's content tokens to ``clusters``.
+
+    tokens: (C, d) the content tokens of all rows, row-major; content: (B, L) bool.
+    """
+    distance, _ = clusters(tokens, None, learn=learn)
+    rows = content.nonzero()[:, 0]
+    sums = distance.new_zeros(content.shape[0]).index_add_(0, rows, distance)
+    return sums / content.sum(dim=1).clamp_min(1)
+
+
+def nearest_task_score(layer_scores: list[Tensor]) -> Tensor:
+    """Per-layer (S, B) z-scores against S stages' statistics -> (B,) gate scores: the mean over
+    layers, then the nearest stage (the minimum over S). A stage whose statistics are still
+    empty scores +inf in every layer (``MixtureLinear._measure_prompt``), so it is never nearest
+    unless all are; then the score is 0 (no evidence either way)."""
+    scores = torch.stack(layer_scores).mean(dim=0).min(dim=0).values
+    return torch.where(torch.isfinite(scores), scores, torch.zeros_like(scores))
+
+
+def open_gate_task(model: nn.Module) -> int:
+    """Start a new training stage of a continued adapter: every sample-gated layer with
+    ``gate_statistics: per_task`` freezes the gate statistics of the stage just trained and
+    starts empty ones for the next. A no-op for other adapters, and while the current
+    statistics are still empty. Returns the number of frozen stages per layer."""
+    from forgetless.adapters.base import AdapterLayer
+
+    layers = [m for m in model.modules() if isinstance(m, AdapterLayer) and hasattr(m, "open_gate_task")]
+    layers = [m for m in layers if m.config.uses_sample_gate and m.config.gate_statistics == "per_task"]
+    if not layers or not all(int(m.gate_moments.batches) > 0 for m in layers):
+        return layers[0].config.gate_earlier_tasks if layers else 0
+    config = layers[0].config.model_copy(
+        update={"gate_earlier_tasks": layers[0].config.gate_earlier_tasks + 1}
+    )
+    for layer in layers:
+        layer.open_gate_task(config)
+    return config.gate_earlier_tasks
 
 
 def _common_prefix(ids: list[int], template: Sequence[int]) -> int:
@@ -197,7 +255,7 @@ class SequenceGate:
             context.gate_pass, context.content_mask, context.gate_scores = False, None, []
         if not scores:
             return inputs.new_zeros(inputs.shape[0], dtype=torch.float32)
-        return torch.stack(scores).mean(dim=0)
+        return nearest_task_score(scores)
 
 
 def _contexts(model: nn.Module) -> list:

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from forgetless.adapters.base import ADAPTER_LAYERS, AdapterLayer, TokenContext
 from forgetless.adapters.clustering import SlidingClusters
 from forgetless.adapters.config import AdapterConfig
-from forgetless.adapters.gate import RunningMoments
+from forgetless.adapters.gate import GateStatistics, RunningMoments, pooled_distance
 from forgetless.adapters.inference import InferencePlan, build_plan, inference_update
 from forgetless.adapters.masking import masked_experts, structured_dare_masks
 from forgetless.adapters.pooling import PromptPool
@@ -77,19 +77,7 @@ class MixtureLinear(AdapterLayer):
         )
         router = torch.randn(config.num_total_experts, self.in_features, generator=generator, dtype=dtype)
         self.router = nn.Parameter((router * config.router_init_std).to(device))
-        self.clusters = (
-            SlidingClusters(
-                config.num_clusters,
-                self.in_features,
-                momentum=config.cluster_momentum,
-                reduction=config.distance_reduction,
-                quantile=config.distance_quantile,
-                calibration=config.distance_calibration,
-                seed=config.seed * 1_000_003 + layer_index,
-            ).to(device)
-            if config.uses_clustering
-            else None
-        )
+        self.clusters = self._new_clusters(config, layer_index, device) if config.uses_clustering else None
         # prompt-level yielding (pooling.py): the running mean of d over each sequence drives it
         self.pool = (
             PromptPool(config.yield_skip, config.cluster_momentum)
@@ -98,6 +86,13 @@ class MixtureLinear(AdapterLayer):
         )
         # sample-level yielding (gate.py): moments of the training prompts' pooled distance
         self.gate_moments = RunningMoments(config.cluster_momentum) if config.uses_sample_gate else None
+        # per_task gate statistics: the clusters and moments of every earlier stage, frozen
+        self.earlier_gates = nn.ModuleList(
+            GateStatistics(
+                self._new_clusters(config, layer_index, device), RunningMoments(config.cluster_momentum)
+            )
+            for _ in range(config.gate_earlier_tasks if config.uses_sample_gate else 0)
+        )
         # 0 for LoRA experts, 1 for identity experts: where the yielding shift is added
         identity_columns = torch.zeros(config.num_total_experts, dtype=dtype, device=device)
         identity_columns[config.num_experts :] = 1.0
@@ -114,6 +109,26 @@ class MixtureLinear(AdapterLayer):
         self._balance: Tensor | None = None
         # set by routing_diagnostics: called with this layer's routing of every forward
         self.recorder: Callable[..., None] | None = None
+
+    def _new_clusters(self, config: AdapterConfig, layer_index: int, device: torch.device) -> SlidingClusters:
+        return SlidingClusters(
+            config.num_clusters,
+            self.in_features,
+            momentum=config.cluster_momentum,
+            reduction=config.distance_reduction,
+            quantile=config.distance_quantile,
+            calibration=config.distance_calibration,
+            seed=config.seed * 1_000_003 + layer_index,
+        ).to(device)
+
+    def open_gate_task(self, config: AdapterConfig) -> None:
+        """Freeze this stage's gate statistics among the earlier ones and start empty ones
+        (``gate.open_gate_task``; ``config`` counts the frozen stages)."""
+        device = self.clusters.centres.device
+        self.earlier_gates.append(GateStatistics(self.clusters, self.gate_moments))
+        self.clusters = self._new_clusters(config, self.mask_seed - config.seed * 1_000_003, device)
+        self.gate_moments = RunningMoments(config.cluster_momentum).to(device)
+        self.config = config
 
     # ---- 1. router logits -----------------------------------------------------------------------
 
@@ -313,21 +328,24 @@ class MixtureLinear(AdapterLayer):
 
     @torch.no_grad()
     def _measure_prompt(self, x: Tensor) -> None:
-        """Gate pass: pool the calibrated distance of the prompt's content tokens per sequence,
-        learn the clusters and the moments from them in train mode, and report the z-scores."""
+        """Gate pass: pool the calibrated distance of the prompt's content tokens per sequence to
+        the current stage's clusters (learning them and their moments in train mode) and to every
+        earlier stage's, and report the (S, B) z-scores (S = earlier stages + the current one)."""
         content = self.context.content_mask
         if content is None or tuple(content.shape) != tuple(x.shape[:-1]):
             raise RuntimeError("sample-level yielding needs (batch, seq) inputs matching the content mask")
-        flat = content.reshape(-1)
-        tokens = x.reshape(-1, self.in_features)[flat].to(self.clusters.centres.dtype)
-        distance, _ = self.clusters(tokens, None, learn=self.training)
-        rows = content.nonzero()[:, 0]
-        counts = content.sum(dim=1)
-        sums = distance.new_zeros(content.shape[0]).index_add_(0, rows, distance)
-        pooled = sums / counts.clamp_min(1)
+        tokens = x.reshape(-1, self.in_features)[content.reshape(-1)].to(self.clusters.centres.dtype)
+        pooled = pooled_distance(self.clusters, tokens, content, learn=self.training)
         if self.training:
-            self.gate_moments.update(pooled[counts > 0])
-        self.context.gate_scores.append(self.gate_moments.standardise(pooled).float())
+            self.gate_moments.update(pooled[content.any(dim=1)])
+        current = self.gate_moments.standardise(pooled).float()
+        if self.earlier_gates and int(self.gate_moments.batches) == 0:
+            current = torch.full_like(current, math.inf)  # a stage not trained yet: no statistics
+        earlier = [
+            gate.moments.standardise(pooled_distance(gate.clusters, tokens, content, learn=False)).float()
+            for gate in self.earlier_gates
+        ]
+        self.context.gate_scores.append(torch.stack([*earlier, current]))
 
     def _record_yielded(self, active: Tensor, signal: Tensor, token_mask: Tensor | None) -> None:
         """Diagnostics see a fully yielded token as routed to the identity experts alone."""

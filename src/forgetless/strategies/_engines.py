@@ -179,11 +179,12 @@ class AdapterEngine(Engine):
         return model
 
     def build(self, stage: int, source: ModelSource, previous: list[Path], seed: int) -> nn.Module:
-        from forgetless.adapters import inject_adapters, load_adapter
+        from forgetless.adapters import inject_adapters, load_adapter, open_gate_task
 
         if self.continuation == "continue" and previous:
             model = source.fresh()
             load_adapter(model, previous[-1])  # its tensors come back trainable, the base frozen
+            open_gate_task(model)  # a sample gate keeps each stage's prompt statistics apart
             return model
         folders = previous if self.continuation == "merge" else []
         model = self._merged_base(source, folders, notify=True)

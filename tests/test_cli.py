@@ -79,3 +79,27 @@ def test_inspect_reports_identity_share_on_builtin_and_config_tasks(tmp_path, ca
     assert list(json.loads(capsys.readouterr().out)["summary"]) == ["codes", "general_capitals"]
     assert main(["inspect", str(adapter), "--config", str(tmp_path / "c.yaml"), "--tasks", "cods"]) == 2
     assert "unknown task or suite 'cods'" in capsys.readouterr().err
+
+
+def test_plan_prints_the_detectable_difference_of_the_configured_sizes(tmp_path, capsys):
+    import yaml
+
+    config = {
+        "name": "p",
+        "model": "tiny-llama",
+        "tasks": ["kelvar_dates", "zorbian_topics"],
+        "limits": {"test": 40},
+        "methods": [{"name": "lora", "strategy": "sequential_lora"}],
+        "evaluation": {"general": ["general_commonsense"], "general_limit": 20},
+    }
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["plan", str(path), "--json"]) == 0
+    rows = {row["what"]: row for row in json.loads(capsys.readouterr().out)}
+    assert rows["kelvar_dates"]["items"] == 40 and rows["new tasks, pooled (final average)"]["items"] == 80
+    assert rows["general suite, pooled (general score, retention)"]["items"] == 20
+    assert rows["new tasks, pooled (final average)"]["detectable"] < rows["kelvar_dates"]["detectable"]
+    assert main(["plan", str(path), "limits.test=160", "--json"]) == 0
+    larger = {row["what"]: row for row in json.loads(capsys.readouterr().out)}
+    assert larger["kelvar_dates"]["detectable"] < rows["kelvar_dates"]["detectable"]
+    assert main(["plan", str(path), "--discordance", "2"]) == 2

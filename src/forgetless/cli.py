@@ -6,6 +6,7 @@ Exit codes: 0 ok, 2 bad input (one line on stderr, no traceback), 1 internal err
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -174,6 +175,39 @@ def cmd_run(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
     out = args.out or config.output or f"runs/{config.name}"
     return _run_and_report(config, out, report=not args.no_report)
+
+
+def _plan_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="experiment YAML (see examples/)")
+    parser.add_argument("overrides", nargs="*", help="key.path=value overrides, as for forgetless run")
+    parser.add_argument(
+        "--discordance",
+        type=float,
+        default=0.3,
+        help="expected share of items on which two compared methods disagree (default 0.3)",
+    )
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+@command("plan", "before compute: the smallest method difference a config's test sizes resolve", _plan_args,
+         epilog="example:\n  forgetless plan examples/slim_gate_study.yaml\n  forgetless plan examples/demo.yaml limits.test=64")  # fmt: skip
+def cmd_plan(args: argparse.Namespace) -> int:
+    from forgetless.config import load_config
+    from forgetless.errors import InputError
+    from forgetless.experiment.plan import plan
+
+    if not 0 < args.discordance <= 1:
+        raise InputError(f"--discordance {args.discordance}: give a share in (0, 1], e.g. 0.3")
+    rows = plan(load_config(args.config, args.overrides), args.discordance)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    shown = [{**row, "detectable": f"{100 * row['detectable']:.1f} points"} for row in rows]
+    _table(
+        shown, ["what", "items", "detectable"], "smallest difference resolved (paired, 80% power, 5% level)"
+    )
+    print(f"assuming the methods disagree on {100 * args.discordance:.0f}% of items (--discordance)")
+    return 0
 
 
 def _demo_args(parser: argparse.ArgumentParser) -> None:

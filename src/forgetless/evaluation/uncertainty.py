@@ -45,6 +45,10 @@ METRICS = (
 )
 
 
+#: per-stage metrics (one value per row) that get an interval per row
+PER_STAGE = ("average_per_stage", "general_average_per_stage", "retention_per_stage")
+
+
 def _binary(scores: np.ndarray) -> bool:
     return bool(np.all((scores == 0) | (scores == 1)))
 
@@ -137,9 +141,12 @@ class ItemResampler:
             self._samples[method] = samples
         return self._samples[method]
 
-    def interval(self, method: str, metric: str, level: float = LEVEL) -> tuple[float, float] | None:
-        """Percentile interval of one metric of one method (None when the metric is undefined)."""
-        values = _values(self.metric_draws(method), metric)
+    def interval(
+        self, method: str, metric: str, level: float = LEVEL, index: int | None = None
+    ) -> tuple[float, float] | None:
+        """Percentile interval of one metric of one method (None when the metric is undefined);
+        ``index`` picks one entry of a per-stage or per-task metric (a list)."""
+        values = _values(self.metric_draws(method), metric, index)
         return None if values is None else _percentiles(values, level)
 
     def difference(
@@ -158,8 +165,10 @@ def _cell(value: float) -> float | None:
     return None if math.isnan(value) else float(value)
 
 
-def _values(samples: list[dict[str, Any]], metric: str) -> np.ndarray | None:
+def _values(samples: list[dict[str, Any]], metric: str, index: int | None = None) -> np.ndarray | None:
     values = [sample.get(metric) for sample in samples]
+    if index is not None:
+        values = [None if v is None else v[index] for v in values]
     if any(v is None for v in values):
         return None
     return np.asarray(values, dtype=float)
@@ -220,7 +229,7 @@ def _final_items(entry: dict[str, Any], names: Sequence[str]) -> np.ndarray:
 def uncertainty(results: dict[str, Any], draws: int = DRAWS, seed: int = 0) -> dict[str, dict[str, Any]]:
     """Per method with item outcomes: ``n`` per task, the interval of every cell (``cells``:
     ``matrix`` and ``general``, each [low, high] per cell), of every derived metric
-    (``metrics``), and against the reference method (``reference``, ``vs_reference``: the paired
+    (``metrics``) and per-stage metric (``per_stage``: the rows' averages), and against the reference method (``reference``, ``vs_reference``: the paired
     difference and its interval per metric; ``mcnemar``: exact p-values of the final stage's
     pooled binary items, ``general`` and ``tasks``, None for graded items)."""
     sampler = ItemResampler(results, draws=draws, seed=seed)
@@ -237,10 +246,18 @@ def uncertainty(results: dict[str, Any], draws: int = DRAWS, seed: int = 0) -> d
             for key, names in (("matrix", tasks), ("general", general))
         }
         metrics = {metric: sampler.interval(name, metric) for metric in METRICS}
+        stages = {
+            metric: [sampler.interval(name, metric, index=i) for i in range(len(entry["items"]))]
+            for metric in PER_STAGE
+            if metric != "general_average_per_stage" or general
+        }
         report: dict[str, Any] = {
             "n": {task: len(first[task]["score"]) for task in tasks + general},
             "cells": cells,
             "metrics": {k: list(v) for k, v in metrics.items() if v is not None},
+            "per_stage": {
+                k: [None if v is None else list(v) for v in values] for k, values in stages.items()
+            },
             "reference": reference,
         }
         if reference in sampler.methods and reference != name:

@@ -57,8 +57,27 @@ def _last_general(entry: dict[str, Any]) -> float | None:
     return entry["metrics"].get("general_average_per_stage", [None])[-1]
 
 
+def _error_bars(
+    results: dict[str, Any], methods: list[str], metric: str, heights: list[float]
+) -> np.ndarray | None:
+    """(2, M) distances from each bar's height to its 95% interval (0 where there is none)."""
+    found = [
+        ((results["methods"][m].get("uncertainty") or {}).get("metrics") or {}).get(metric) for m in methods
+    ]
+    if not any(found):
+        return None
+    return _distances(found, heights)
+
+
+def _distances(bounds: list[Any], heights: list[float]) -> np.ndarray:
+    lows = [h - b[0] if b and not np.isnan(h) else 0.0 for b, h in zip(bounds, heights)]
+    highs = [b[1] - h if b and not np.isnan(h) else 0.0 for b, h in zip(bounds, heights)]
+    return np.clip(np.array([lows, highs]), 0.0, None)
+
+
 def acquisition_retention(results: dict[str, Any]) -> bytes:
-    """Per method: acquisition, final new-knowledge average, final general average."""
+    """Per method: acquisition, final new-knowledge average, final general average (with 95%
+    interval bars where the run kept its item outcomes)."""
     methods = list(results["methods"])
     series = {
         "acquisition (new, just learned)": [
@@ -75,11 +94,14 @@ def acquisition_retention(results: dict[str, Any]) -> bytes:
     bar = 0.8 / len(series)
     figure, axes = plt.subplots(figsize=(max(5.0, 1.4 * len(methods) + 2), 3.6))
     colors = plt.get_cmap("tab10").colors
+    metric_of = dict(zip(series, ("acquisition_average", "final_average", "general_final_average")))
     for index, (name, values) in enumerate(series.items()):
         heights = [np.nan if v is None else v for v in values]
+        errors = _error_bars(results, methods, metric_of[name], heights)
         axes.bar(
-            positions + (index - (len(series) - 1) / 2) * bar, heights, bar, label=name, color=colors[index]
-        )
+            positions + (index - (len(series) - 1) / 2) * bar, heights, bar, label=name, color=colors[index],
+            yerr=errors, capsize=2, error_kw={"linewidth": 0.8},
+        )  # fmt: skip
     first = next(iter(results["methods"].values()))
     base_new = first["metrics"]["average_per_stage"][0]
     if base_new is not None:
@@ -96,7 +118,8 @@ def acquisition_retention(results: dict[str, Any]) -> bytes:
 
 
 def general_per_stage(results: dict[str, Any]) -> bytes | None:
-    """Mean general score after each stage per method; None when the run has no general suite."""
+    """Mean general score after each stage per method (with 95% interval bars where the run kept
+    its item outcomes); None when the run has no general suite."""
     if not results.get("general"):
         return None
     figure, axes = plt.subplots(figsize=(6.0, 3.4))
@@ -105,7 +128,10 @@ def general_per_stage(results: dict[str, Any]) -> bytes | None:
         values = entry["metrics"].get("general_average_per_stage")
         if not values:
             continue
-        axes.plot(range(len(values)), [np.nan if v is None else v for v in values], marker="o", label=method)
+        points = [np.nan if v is None else v for v in values]
+        bounds = ((entry.get("uncertainty") or {}).get("per_stage") or {}).get("general_average_per_stage")
+        errors = _distances(bounds, points) if bounds else None
+        axes.errorbar(range(len(values)), points, yerr=errors, marker="o", capsize=2, label=method)
         longest = max(longest, stage_labels(entry), key=len)
     axes.set_xticks(range(len(longest)), longest, rotation=20, ha="right")
     axes.set_ylim(0, 1.05)

@@ -68,11 +68,12 @@ def _matrix_table(
     labels = stage_labels(entry)
     known = entry.get("uncertainty") or {}
     cells = (known.get("cells") or {}).get("matrix" if bwt else "general")
+    averages = (known.get("per_stage") or {}).get("average_per_stage" if bwt else "general_average_per_stage")
     rows = []
     for index, values in enumerate(matrix):
         name = "base" if index == 0 else f"{method} {_span(index)}"
         shown = [interval(v, cells[index][j] if cells else None) for j, v in enumerate(values)]
-        rows.append([name, *shown, score(_mean(values))])
+        rows.append([name, *shown, interval(_mean(values), averages[index] if averages else None)])
     if known.get("n"):
         columns = [f"{c} (n={known['n'][c]})" if c in known["n"] else c for c in columns]
     prefix = "general_" if not bwt else ""

@@ -13,12 +13,11 @@ For every stage of the named methods of a ``forgetless run`` folder (e.g. the on
    ROC AUC of "a general prompt scores higher than the prompt of a task learned so far"
    (``separation_auc``), and the paraphrase scores again with the gate switched off;
 
-3. the final stage of every method and the base model scored again item by item on the reported
-   general items and the sequence tasks' test items, for paired comparisons against the reference
-   method (``--reference``, default seq_lora): retention of general ability (general average over
-   families, as a share of the base's) and final task average, each with a 95% interval from a
-   paired bootstrap that resamples items within each task (2,000 draws, seed 0), and an exact
-   McNemar test on the pooled binary general items.
+3. paired comparisons of the final stages against the reference method (``--reference``,
+   default seq_lora), read from the item outcomes the run kept (no model is rerun): retention of
+   general ability, final task average and BWT, each with a 95% paired bootstrap interval that
+   resamples items within each task (2,000 draws, seed 0), and an exact McNemar test on the
+   pooled binary general items (``forgetless.evaluation.uncertainty``, as in the run's report).
 
 So one reads whether every task learned so far stays in-domain after later stages, whether the
 gate recognises the knowledge or only the training template, and where general prompts go. The
@@ -36,9 +35,7 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
-from scipy.stats import binomtest
 
 from forgetless.adapters import adapter_layers, separation_auc, set_inference_options
 from forgetless.adapters.gate import uses_sample_gate
@@ -89,98 +86,29 @@ def _gate_report(model, tokenizer, groups: dict[str, list[str]], learned: list[s
     return report
 
 
-def _items(model, tokenizer, tasks: list) -> dict[str, np.ndarray]:
-    """Per-item scores (0/1 for every metric used here) of each task, in the task's item order."""
-    scores = evaluate_tasks(model, tokenizer, tasks, batch_size=16)
-    return {
-        name: np.array([d["score"] for d in score.details], dtype=float) for name, score in scores.items()
-    }
+def compare_final(run: Path, methods: list[str], reference: str) -> dict:
+    """Every compared method's final stage against ``reference``, read from the run's per-item
+    outcomes (``forgetless.evaluation.uncertainty``: stratified paired bootstrap, exact McNemar)."""
+    from forgetless.report import load_results, with_metrics
 
-
-def _average(items: dict[str, np.ndarray], picks: dict[str, np.ndarray] | None = None) -> float:
-    """Mean over tasks of each task's mean score (every task weighs the same, as in results.json)."""
-    return float(
-        np.mean([(values[picks[name]] if picks else values).mean() for name, values in items.items()])
-    )
-
-
-def paired_comparison(
-    method: dict[str, np.ndarray], reference: dict[str, np.ndarray], base: dict[str, np.ndarray] | None
-) -> dict[str, float]:
-    """Difference (method - reference) of the task-averaged score, or of retention (average as a
-    share of ``base``'s) when ``base`` is given, with a 95% paired bootstrap interval.
-
-    Hand-written because the resampling is stratified: items are drawn with replacement *within*
-    each task and the same draw is used for both methods (and the base), which
-    ``scipy.stats.bootstrap`` does not do for a ratio of task-averaged means.
-    """
-    rng = np.random.default_rng(0)
-
-    def value(items: dict[str, np.ndarray], picks: dict[str, np.ndarray] | None) -> float:
-        average = _average(items, picks)
-        return average / _average(base, picks) if base is not None else average
-
-    draws = []
-    for _ in range(2000):
-        picks = {name: rng.integers(0, len(values), len(values)) for name, values in reference.items()}
-        draws.append(value(method, picks) - value(reference, picks))
-    low, high = np.percentile(draws, [2.5, 97.5])
-    return {
-        "difference": value(method, None) - value(reference, None),
-        "low": float(low),
-        "high": float(high),
-    }
-
-
-def mcnemar_exact(method: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> float:
-    """Exact McNemar p-value on the pooled binary items (binomial test on the discordant pairs)."""
-    a = np.concatenate([method[name] for name in reference]) > 0.5
-    b = np.concatenate([reference[name] for name in reference]) > 0.5
-    only_method, only_reference = int((a & ~b).sum()), int((~a & b).sum())
-    if only_method + only_reference == 0:
-        return 1.0
-    return float(binomtest(only_method, only_method + only_reference, 0.5).pvalue)
-
-
-def compare_final(run: Path, methods: list[str], reference: str, sequence: list[str]) -> dict:
-    """Item-level paired comparison of every method's final stage against ``reference``."""
-    from forgetless.models import load_model
-
-    config = json.loads((run / "config.json").read_text(encoding="utf-8"))
-    general = [get_task(name) for name in suites()["general"]]
-    tasks = [get_task(name).limited(None, config["limits"].get("test"), config["seed"]) for name in sequence]
-    model, tokenizer = load_model(config["model"], seed=config["seed"])
-    print("base model, item by item ...", flush=True)
-    base = _items(model, tokenizer, general)
-    finals, out_paraphrase = {}, {}
+    results = load_results(run)
+    results = with_metrics({**results, "run": {**results.get("run", {}), "report": {"reference": reference}}})
+    out: dict = {}
     for method in [reference] + [m for m in methods if m != reference]:
-        print(f"{method} final stage, item by item ...", flush=True)
-        model, tokenizer = load_stage(_stage_folders(run / "methods" / method)[-1])
-        paraphrases = [
-            get_task(f"{t.name}_paraphrase")
-            for t in tasks
-            if f"{t.name}_paraphrase" in suites()["paraphrase"]
-        ]
-        items = _items(model, tokenizer, general + tasks + paraphrases)
-        out_paraphrase[method] = {t.name: float(items[t.name].mean()) for t in paraphrases}
-        finals[method] = (
-            {t.name: items[t.name] for t in general},
-            {t.name: items[t.name] for t in tasks},
-        )
-    out: dict = {"base_general_average": _average(base), "final_paraphrase": out_paraphrase}
-    for method, (general_items, task_items) in finals.items():
-        out[f"{method}_retention"] = _average(general_items) / _average(base)
-        out[f"{method}_final_average"] = _average(task_items)
-        if method == reference:
-            continue
-        ref_general, ref_tasks = finals[reference]
-        retention = paired_comparison(general_items, ref_general, base)
-        final = paired_comparison(task_items, ref_tasks, None)
-        for key, value in retention.items():
-            out[f"{method}_vs_{reference}_retention_{key}"] = value
-        for key, value in final.items():
-            out[f"{method}_vs_{reference}_final_average_{key}"] = value
-        out[f"{method}_vs_{reference}_general_mcnemar_p"] = mcnemar_exact(general_items, ref_general)
+        entry = results["methods"][method]
+        known = entry.get("uncertainty") or {}
+        out[f"{method}_retention"] = entry["metrics"]["retention"]
+        out[f"{method}_retention_interval"] = known.get("metrics", {}).get("retention")
+        out[f"{method}_final_average"] = entry["metrics"]["final_average"]
+        for metric, name in (
+            ("retention", "retention"),
+            ("final_average", "final_average"),
+            ("bwt_absolute", "bwt"),
+        ):
+            for key, value in (known.get("vs_reference", {}).get(metric) or {}).items():
+                out[f"{method}_vs_{reference}_{name}_{key}"] = value
+        if known.get("mcnemar"):
+            out[f"{method}_vs_{reference}_general_mcnemar_p"] = known["mcnemar"]["general"]
     return out
 
 
@@ -237,7 +165,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", default="slim,seq_lora")
     parser.add_argument("--reference", default="seq_lora", help="the method the others are compared with")
     parser.add_argument(
-        "--compare", default="slim,slim_token,moe_lora,seq_fft", help="methods compared item by item"
+        "--compare",
+        default="slim,slim_shared_gate,lora_gate,moe_lora,seq_fft,olora",
+        help="methods compared item by item",
     )
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "gate_study.json")
     parser.add_argument("--data-dir", type=Path, help="unused: built-in tasks only (common interface)")
@@ -247,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     order = [t if isinstance(t, str) else t["name"] for t in config["tasks"]]
     results = study(args.run, methods)
     compared = [m.strip() for m in args.compare.split(",") if m.strip()]
-    comparison = compare_final(args.run, compared, args.reference, order)
+    comparison = compare_final(args.run, compared, args.reference)
     print(json.dumps(comparison, indent=1), flush=True)
     write_json(args.out, {"stages": results, **flat_figures(results, order), **comparison})
     print(f"wrote {args.out}")

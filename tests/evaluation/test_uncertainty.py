@@ -125,3 +125,52 @@ def test_the_detectable_difference_is_detected_about_80_percent_of_the_time():
         reference = ((u >= only_method) & (u < psi)).astype(float)  # the other way round
         found += mcnemar_exact(method, reference) < 0.05
     assert 0.70 <= found / 1000 <= 0.88
+
+
+def test_mcnemar_and_bootstrap_agree_with_the_library_reference_values():
+    from scipy.stats import binomtest, bootstrap
+
+    rng = np.random.default_rng(6)
+    method, reference = (rng.random(300) < 0.6).astype(float), (rng.random(300) < 0.5).astype(float)
+    b = int(((method == 1) & (reference == 0)).sum())
+    c = int(((method == 0) & (reference == 1)).sum())
+    assert mcnemar_exact(method, reference) == pytest.approx(binomtest(b, b + c, 0.5).pvalue)
+    # one task, one stage: the stratified bootstrap of the final average is the percentile
+    # bootstrap of one sample's mean (scipy), up to Monte Carlo error
+    scores = (rng.random(200) < 0.3).astype(float)
+    row = {"t": {"score": list(scores), "prediction": [""] * 200}}
+    entry = {
+        "matrix": [[0.0], [float(scores.mean())]],
+        "items": [{"t": {"score": [0.0] * 200, "prediction": [""] * 200}}, row],
+    }
+    ours = ItemResampler({"tasks": ["t"], "methods": {"m": entry}}, draws=4000, seed=0).interval(
+        "m", "final_average"
+    )
+    scipy_ci = bootstrap(
+        (scores,), np.mean, n_resamples=4000, method="percentile", rng=np.random.default_rng(0)
+    )
+    assert ours[0] == pytest.approx(scipy_ci.confidence_interval.low, abs=0.01)
+    assert ours[1] == pytest.approx(scipy_ci.confidence_interval.high, abs=0.01)
+
+
+def test_a_real_difference_is_resolved_and_a_null_one_is_not():
+    rng = np.random.default_rng(7)
+    keeper = _results(rng, n=200, general_rates=(0.7, 0.7, 0.68))
+    forgetful = _results(rng, n=200, general_rates=(0.7, 0.5, 0.4))
+    twin = _results(rng, n=200, general_rates=(0.7, 0.7, 0.68))
+    for entry in (forgetful, twin):  # one shared base row, as in a run
+        entry["items"][0], entry["matrix"][0], entry["general"][0] = (
+            keeper["items"][0],
+            keeper["matrix"][0],
+            keeper["general"][0],
+        )
+    results = {
+        "tasks": ["t1", "t2"],
+        "general": ["g"],
+        "methods": {"keeper": keeper, "forgetful": forgetful, "twin": twin},
+    }
+    sampler = ItemResampler(results, draws=1000, seed=0)
+    resolved = sampler.difference("keeper", "forgetful", "retention")
+    assert resolved["low"] > 0  # 0.68 vs 0.40 of 0.70: about +40 points
+    null = sampler.difference("keeper", "twin", "retention")
+    assert null["low"] < 0 < null["high"]

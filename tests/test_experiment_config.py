@@ -226,3 +226,39 @@ def test_data_dir_override_is_relative_to_the_current_folder(tmp_path, monkeypat
     assert load_config(path, ["data_dir=data"]).data_root().resolve() == tmp_path / "data"  # typed: from here
     with pytest.raises(InputError, match=r"data_dir: folder \S*configs/data does not exist"):
         load_config(path, ["data_dir=configs/data"])
+
+
+ONE_ROUND = {"name": "one", "strategy": "one_round", "evaluate": False}
+
+
+@pytest.mark.parametrize(
+    ("combine", "message"),
+    [
+        ({"merge": {"method": "ties", "source": "one", "weights": [1.0]}}, "merge.weights has 1 weight"),
+        (
+            {"merge": {"method": "ties", "source": "one", "parameters": {"densty": 0.2}}},
+            "Did you mean 'density'",
+        ),
+        (
+            {"merge": {"method": "ties", "source": "one", "parameters": {"density": 5}}},
+            r"density must be in \(0, 1\]",
+        ),
+        (
+            {"merge": {"method": "dare", "source": "one", "parameters": {"rescale": "yes"}}},
+            "merge: parameters",
+        ),
+        ({"mix": {"source": "one", "router": "hiden"}}, "Did you mean 'hidden'"),
+        ({"mix": {"source": "one", "top_k": 3}}, "mix.top_k 3 is more than the 2 expert"),
+        ({"mix": {"source": "one", "parameters": {"prompts_per_expert": -1}}}, "prompts_per_expert"),
+        ({"mix": {"source": "one", "parameters": {"bogus": 1}}}, "unknown parameter 'bogus'"),
+        ({"mix": {"source": "one", "parameters": {"router": "uniform"}}}, "'router' is set by the run"),
+    ],
+)
+def test_merge_and_mix_settings_are_checked_before_any_training(combine, message):
+    """A merge or mix runs after all training; its mistakes must stop the run before it starts."""
+    with pytest.raises(InputError, match=message) as error:
+        validate_config(config_with(methods=[ONE_ROUND, {"name": "m", **combine}]))
+    assert "methods.1 ('m')" in str(error.value) and "\n" not in str(error.value)
+    # the same settings with every value right pass
+    fixed = {"merge": {"method": "ties", "source": "one", "parameters": {"density": 0.2}, "weights": [1, 2]}}
+    validate_config(config_with(methods=[ONE_ROUND, {"name": "m", **fixed}]))

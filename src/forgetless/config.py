@@ -345,8 +345,12 @@ def check_config(config: ExperimentConfig, source: str = "config") -> None:
                 raise InputError(
                     f"{where}: source '{spec.source}' must use strategy one_round (it trains one model per task)"
                 )
+            outputs = len(task_names) if config.schedule == "sequential" else 1
             if method.merge:
                 _check_registry("merge", method.merge.method, where)
+                _check_merge(method.merge, config, outputs, where)
+            else:
+                _check_mix(method.mix, config, outputs, where)
 
 
 def _check_strategy(method: MethodSpec, config: ExperimentConfig, where: str) -> None:
@@ -417,6 +421,60 @@ def _check_variant(method: MethodSpec, config: ExperimentConfig, where: str) -> 
             f"{where}: variant.adapter: yield_scale > 0 needs sliding clustering, which '{spec.of}' did not "
             "train (no identity experts or yield_scale 0); train a method with yielding instead"
         )
+
+
+def _check_merge(spec: MergeSpec, config: ExperimentConfig, outputs: int, where: str) -> None:
+    """The merge of the last stage (every task output), checked on placeholders before any
+    training: weights, parameter names, types and values (the method runs on 2x2 zeros)."""
+    from forgetless.merging.config import validate_merge_config
+
+    if spec.weights is not None and len(spec.weights) != outputs:
+        raise InputError(
+            f"{where}: merge.weights has {len(spec.weights)} weight(s) for {outputs} task output(s); "
+            "give one weight per task, in sequence order (stage i merges the first i)"
+        )
+    weights = spec.weights or [1.0] * outputs
+    data = {
+        "merge_method": spec.method,
+        "base_model": config.model,
+        "models": [{"model": f"task-{i + 1}", "parameters": {"weight": w}} for i, w in enumerate(weights)],
+        "parameters": spec.parameters,
+        "seed": config.seed,
+    }
+    validate_merge_config(data, f"{where}: merge")
+
+
+def _check_mix(spec: MixSpec, config: ExperimentConfig, outputs: int, where: str) -> None:
+    """The mix of the last stage, checked on placeholder experts before any training: router
+    name, top_k and every mixing parameter."""
+    from forgetless.mixing.config import MixConfig, validate_mix_config
+
+    set_here = {"base_model", "experts", "router", "top_k", "seed", "base_dir"}
+    valid = sorted(set(MixConfig.model_fields) - set_here)
+    for name in spec.parameters:
+        if name in set_here:
+            raise InputError(
+                f"{where}: mix.parameters: '{name}' is set by the run; remove it (router and top_k go under mix)"
+            )
+        if name not in valid:
+            raise InputError(
+                f"{where}: mix.parameters: unknown parameter '{name}'.{did_you_mean(name, valid)} Valid: {', '.join(valid)}"
+            )
+    total = outputs + int(spec.parameters.get("num_identity_experts", 0) or 0)
+    if spec.router != "uniform" and spec.top_k > total:
+        raise InputError(
+            f"{where}: mix.top_k {spec.top_k} is more than the {total} expert(s) of the last stage; "
+            f"set top_k <= {total} (earlier stages, with fewer experts, use them all)"
+        )
+    data = {
+        "base_model": config.model,
+        "experts": [{"model": f"task-{i + 1}"} for i in range(outputs)],
+        "router": spec.router,
+        "top_k": total if spec.router == "uniform" else min(spec.top_k, total),
+        "seed": config.seed,
+        **spec.parameters,
+    }
+    validate_mix_config(data, f"{where}: mix", tasks_given=[True] * outputs)
 
 
 def _check_registry(kind: str, name: str, where: str) -> None:

@@ -70,6 +70,43 @@ def test_second_run_on_the_same_folder_is_refused(tmp_path):
         pass
 
 
+def test_runs_write_only_into_folders_forgetless_made(tmp_path, capsys):
+    from forgetless.cli import main
+
+    config_path = tmp_path / "c.yaml"
+    config_path.write_text(yaml.safe_dump(CONFIG))
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "config.json").write_text('{"mine": true}')
+    (foreign / "results.json").write_text("[1, 2, 3]")
+    before = {p.name: p.read_bytes() for p in foreign.iterdir()}
+    assert main(["run", str(config_path), "--out", str(foreign)]) == 2
+    assert "holds files that forgetless did not write" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in foreign.iterdir()} == before  # nothing written or added
+    a_file = tmp_path / "a_file"
+    a_file.write_text("keep")
+    assert main(["run", str(config_path), "--out", str(a_file)]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err and a_file.read_text() == "keep"
+
+
+def test_a_refused_rerun_leaves_the_run_folder_as_it_was(tmp_path, capsys):
+    from forgetless.cli import main
+
+    small = {
+        **CONFIG,
+        "methods": [CONFIG["methods"][0]],
+        "evaluation": {**CONFIG["evaluation"], "general_limit": 1},
+    }
+    config_path = tmp_path / "c.yaml"
+    config_path.write_text(yaml.safe_dump(small))
+    out = tmp_path / "run"
+    assert main(["run", str(config_path), "--out", str(out), "--no-report"]) == 0
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert main(["run", str(config_path), "train.lr=0.5", "--out", str(out), "--no-report"]) == 2
+    assert "train" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
 def _assert_no_half_written_artifacts(out: Path) -> None:
     """Every artifact under its final name is complete: JSON parses, safetensors open."""
     from safetensors import safe_open

@@ -17,6 +17,34 @@ from pathlib import Path
 from forgetless.errors import InputError
 
 LOCK_NAME = ".forgetless.lock"
+#: written into every run folder forgetless creates; only such folders are written into
+MARKER_NAME = ".forgetless-run"
+
+
+def claim_run_folder(folder: str | os.PathLike) -> Path:
+    """Make ``folder`` a run folder, or refuse: forgetless writes only into a folder it created.
+
+    A missing or empty folder is created and marked; a marked folder (or one laid out by an
+    earlier forgetless version: ``config.json`` beside ``base/`` or ``methods/``) is resumed;
+    anything else (a file, a folder of other files) is refused before anything is written.
+    """
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise InputError(f"--out {folder} is a file, not a folder; give a new or empty folder for the run")
+    marker = folder / MARKER_NAME
+    if folder.is_dir() and not marker.exists():
+        ours = (folder / "config.json").is_file() and (
+            (folder / "base").is_dir() or (folder / "methods").is_dir()
+        )
+        if any(folder.iterdir()) and not ours:
+            raise InputError(
+                f"--out {folder} holds files that forgetless did not write (no {MARKER_NAME}); give a new or "
+                "empty folder, so that nothing in it is overwritten"
+            )
+    folder.mkdir(parents=True, exist_ok=True)
+    if not marker.exists():
+        marker.write_text(json.dumps({"written_by": "forgetless run"}) + "\n", encoding="utf-8")
+    return folder
 
 
 def _alive(pid: int) -> bool:

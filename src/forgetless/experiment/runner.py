@@ -32,7 +32,7 @@ from forgetless.config import ExperimentConfig, MethodSpec
 from forgetless.data.task import Task
 from forgetless.errors import InputError
 from forgetless.experiment.cache import EvalCache, cache_key
-from forgetless.experiment.lock import run_lock
+from forgetless.experiment.lock import claim_run_folder, run_lock
 from forgetless.io import write_json, write_text
 
 Log = Callable[[str], None]
@@ -320,10 +320,13 @@ class Runner:
     def run(self) -> dict[str, Any]:
         from forgetless.evaluation.metrics import continual_metrics
 
+        claim_run_folder(self.out)
         with run_lock(self.out):
-            write_text(
-                self.out / "config.json", json.dumps(self.config.model_dump(mode="json"), indent=2) + "\n"
-            )
+            config_text = json.dumps(self.config.model_dump(mode="json"), indent=2) + "\n"
+            if not (
+                self.out / "config.json"
+            ).exists():  # a changed config replaces it only once the run succeeded
+                write_text(self.out / "config.json", config_text)
             base = self.base_row()
             produced: dict[str, dict[str, Any]] = {}
             ordered = [m for m in self.config.methods if m.strategy] + [
@@ -338,6 +341,7 @@ class Runner:
             produced.update(self.produced_variants)  # scored while their source's stages were loaded
             results = self.results(base, produced, continual_metrics)
             write_json(results_folder(self.config, self.out) / "results.json", results)
+            write_text(self.out / "config.json", config_text)
         return results
 
     def results(

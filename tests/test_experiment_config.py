@@ -262,3 +262,21 @@ def test_merge_and_mix_settings_are_checked_before_any_training(combine, message
     # the same settings with every value right pass
     fixed = {"merge": {"method": "ties", "source": "one", "parameters": {"density": 0.2}, "weights": [1, 2]}}
     validate_config(config_with(methods=[ONE_ROUND, {"name": "m", **fixed}]))
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("methods.9.params.r=8", r"methods is a list of 1; '9' must be an index 0..0"),
+        ("methods.x.name=foo", r"methods is a list of 1; 'x' must be an index"),
+        ("seed.x=1", r"seed is a value \(0\), not a section"),
+        ("train..lr=1", "has an empty part"),
+        ("name=[unclosed", "the value is not valid YAML"),
+        ("just_a_word", "is not key=value"),
+    ],
+)
+def test_bad_overrides_are_one_clear_error(override, message):
+    data = config_with(seed=0)
+    with pytest.raises(InputError, match=message) as error:
+        apply_overrides(data, [override])
+    assert "\n" not in str(error.value) and override in str(error.value)

@@ -216,22 +216,49 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
                 f"override '{item}' is not key=value (e.g. train.lr=1e-4 or methods.0.params.r=8)"
             )
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw)
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as error:
+            raise InputError(
+                f"override '{item}': the value is not valid YAML ({getattr(error, 'problem', error)}); quote it"
+            ) from None
         if isinstance(value, str):  # YAML 1.1 reads 1e-4 as text; a user means the number
             try:
                 value = float(value) if any(c in value for c in ".eE") else value
             except ValueError:
                 pass
-        node: Any = data
-        parts = key.split(".")
-        for part in parts[:-1]:
-            node = node[int(part)] if isinstance(node, list) else node.setdefault(part, {})
-        last = parts[-1]
-        if isinstance(node, list):
-            node[int(last)] = value
-        else:
-            node[last] = value
+        _set_path(data, key, value, item)
     return data
+
+
+def _set_path(data: dict[str, Any], key: str, value: Any, item: str) -> None:
+    """Set ``data[a][b]...[z] = value`` for ``key`` "a.b...z" (list levels by index); a path that
+    does not fit the config (an index out of range, a key under a number) is one clear error."""
+    node: Any = data
+    parts = key.split(".")
+    if not all(parts):
+        raise InputError(f"override '{item}': the key '{key}' has an empty part; write e.g. train.lr=1e-4")
+    for depth, part in enumerate(parts):
+        last = depth == len(parts) - 1
+        where = ".".join(parts[:depth]) or "the config"
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise InputError(
+                    f"override '{item}': {where} is a list of {len(node)}; '{part}' must be an index 0..{len(node) - 1}"
+                )
+            if last:
+                node[int(part)] = value
+            else:
+                node = node[int(part)]
+        elif isinstance(node, dict):
+            if last:
+                node[part] = value
+            else:
+                node = node.setdefault(part, {})
+        else:
+            raise InputError(
+                f"override '{item}': {where} is a value ({node!r}), not a section; '{part}' cannot go under it"
+            )
 
 
 def _explain(error: ValidationError, source: str) -> str:

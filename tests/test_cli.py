@@ -103,3 +103,27 @@ def test_plan_prints_the_detectable_difference_of_the_configured_sizes(tmp_path,
     larger = {row["what"]: row for row in json.loads(capsys.readouterr().out)}
     assert larger["kelvar_dates"]["detectable"] < rows["kelvar_dates"]["detectable"]
     assert main(["plan", str(path), "--discordance", "2"]) == 2
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["eval", "--model", "{tmp}/fake.gguf", "--tasks", "kelvar_dates"], "is not a GGUF file"),
+        (
+            ["eval", "--model", "tiny-llama", "--tasks", "kelvar_dates", "--out", "{tmp}/folder"],
+            "is a folder",
+        ),
+        (["run", "{tmp}/c.yaml", "methods.9.params.r=8"], "must be an index 0..0"),
+        (["run", "{tmp}/c.yaml", "seed.x=1"], "is a value (0), not a section"),
+    ],
+)
+def test_ordinary_mistakes_exit_2_with_one_line(tmp_path, capsys, argv, message):
+    (tmp_path / "fake.gguf").write_text("not a model")
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "c.yaml").write_text(
+        "name: x\nmodel: tiny-llama\nseed: 0\ntasks: [kelvar_dates]\nmethods: [{name: a, strategy: sequential_lora}]\n"
+    )
+    assert main([part.replace("{tmp}", str(tmp_path)) for part in argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err and "Traceback" not in err
+    assert list((tmp_path / "folder").iterdir()) == []

@@ -85,6 +85,10 @@ def run_eval(
     from forgetless.models import load_model
 
     tasks = resolve_tasks(task_names, seed)
+    if out_file is not None and Path(out_file).is_dir():
+        raise InputError(
+            f"--out {out_file} is a folder; give the path of the JSON file to write, e.g. {Path(out_file) / 'eval.json'}"
+        )
     start = time.perf_counter()
     model, tokenizer = load_model(model_spec, dtype=dtype, seed=seed)
     if adapter is not None:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from forgetless.errors import InputError
 from forgetless.io import atomic_dir, write_json
 
 
@@ -38,6 +39,9 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike | None
     out = Path(out_dir) if out_dir is not None else gguf_cache_dir(gguf_path)
     if (out / "config.json").exists():
         return out
+    with gguf_path.open("rb") as handle:
+        if handle.read(4) != b"GGUF":
+            raise InputError(f"{gguf_path} is not a GGUF file (it does not start with the GGUF magic bytes)")
     folder, name = str(gguf_path.parent), gguf_path.name
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)

@@ -440,7 +440,41 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _lm_eval_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("lm_eval_args", nargs="*", help="anything lm_eval accepts (--model forgetless ...)")
+
+
+@command("lm-eval", "lm-evaluation-harness's own CLI, with the forgetless model type registered", _lm_eval_args,
+         epilog="example:\n  forgetless lm-eval --model forgetless --model_args pretrained=smollm2-135m-instruct,adapter=runs/x/adapter --tasks arc_easy")  # fmt: skip
+def cmd_lm_eval(args: argparse.Namespace) -> int:
+    return _run_lm_eval(list(args.lm_eval_args))
+
+
+def _run_lm_eval(arguments: list[str]) -> int:
+    """lm-eval has no plug-in discovery for model types: register ours, then hand over its CLI."""
+    try:
+        from forgetless.evaluation import lm_eval_bridge
+    except ImportError as error:
+        raise InputError(str(error)) from None
+    saved = sys.argv
+    sys.argv = ["lm_eval", *arguments]
+    try:
+        lm_eval_bridge.main()
+    except SystemExit as exit_:
+        return int(exit_.code or 0) if not isinstance(exit_.code, str) else 2
+    finally:
+        sys.argv = saved
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    if arguments[:1] == ["lm-eval"] and not {"-h", "--help"} & set(arguments[1:2]):
+        try:  # every argument is lm_eval's: argparse here would read its options as ours
+            return _run_lm_eval(arguments[1:])
+        except InputError as error:
+            print(f"forgetless: error: {error}", file=sys.stderr)
+            return 2
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -94,10 +95,17 @@ def test_forgetless_model_type_loads_an_adapter(local_task, tmp_path):
 
 
 @pytest.mark.slow  # a fresh process that imports lm-eval and indexes its task folder
-def test_command_line_module(local_task, tmp_path):
+@pytest.mark.parametrize("entry", ["module", "forgetless lm-eval"])
+def test_command_line(local_task, tmp_path, entry):
+    """As documented: ``forgetless lm-eval --model forgetless ...`` (README), and the module."""
     folder, _ = local_task
     env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
-    command = [sys.executable, "-m", "forgetless.evaluation.lm_eval_bridge", "--model", "forgetless",
+    launcher = (
+        [sys.executable, "-m", "forgetless.evaluation.lm_eval_bridge"]
+        if entry == "module"
+        else [str(Path(sys.executable).parent / "forgetless"), "lm-eval"]
+    )
+    command = [*launcher, "--model", "forgetless",
                "--model_args", "pretrained=tiny-llama", "--tasks", "fl_local_mc", "--include_path", str(folder),
                "--output_path", str(tmp_path / "out"), "--batch_size", "4"]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)

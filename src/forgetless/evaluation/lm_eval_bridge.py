@@ -5,10 +5,12 @@ spec ``forgetless.load_model`` accepts (built-in alias, GGUF file, HF folder, hu
 ``adapter=DIR``, a forgetless or PEFT adapter folder (SLIM included) on top; everything else is
 lm-eval's Hugging Face backend (``HFLM``), so every lm-eval task type works.
 
-lm-eval has no plug-in discovery for model types, so run it through this module:
+lm-eval has no plug-in discovery for model types, so run its command line through forgetless:
 
-    python -m forgetless.evaluation.lm_eval_bridge --model forgetless \\
+    forgetless lm-eval --model forgetless \\
         --model_args pretrained=smollm2-135m-instruct,adapter=runs/x/adapter --tasks arc_easy
+
+(``python -m forgetless.evaluation.lm_eval_bridge ...`` is the same)
 
 or from Python: ``import forgetless.evaluation.lm_eval_bridge`` then
 ``lm_eval.simple_evaluate(model="forgetless", model_args=...)``. Needs ``pip install lm-eval``.

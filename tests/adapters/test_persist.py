@@ -134,3 +134,23 @@ def test_state_dict_holds_only_adapter_tensors(tiny):
     inject_adapters(model, AdapterConfig.lora(r=4))
     state = adapter_state_dict(model)
     assert len(state) == 12 and all(key.endswith(("lora_A", "lora_B")) for key in state)
+
+
+def test_auto_peft_model_loads_a_lora_saved_for_an_alias(default_model, tmp_path):
+    """adapter_config.json names what PEFT can resolve (the alias's local folder); forgetless's own
+    manifest keeps the alias."""
+    from peft import AutoPeftModelForCausalLM
+
+    model, tokenizer = load_model("smollm2-135m-instruct")  # a copy: the session's model stays bare
+    inject_adapters(model, AdapterConfig.lora(r=2, alpha=4, target_modules=["down_proj"]))
+    randomize_adapters(model, scale=0.05)
+    folder = save_adapter(model, tmp_path / "adapter", base_model="smollm2-135m-instruct")
+    batch = tokenizer(["The capital of France is"], return_tensors="pt")
+    with torch.no_grad():
+        expected = model(**batch).logits
+    assert (
+        json.loads((folder / "forgetless_adapter.json").read_text())["base_model"] == "smollm2-135m-instruct"
+    )
+    peft_model = AutoPeftModelForCausalLM.from_pretrained(str(folder))
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(**batch).logits, expected, atol=1e-4, rtol=0)

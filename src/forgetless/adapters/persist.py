@@ -55,6 +55,21 @@ def _peft_key(module: str, factor: str) -> str:
     return f"base_model.model.{module}.{factor}.weight"
 
 
+def _peft_base_model(spec: str | None) -> str | None:
+    """What PEFT can resolve (``AutoPeftModelForCausalLM``): a forgetless alias or a .gguf file
+    becomes the local HF folder it loads from; hub ids and folders stay as given (forgetless's
+    own manifest keeps the spec as the user wrote it)."""
+    if spec is None:
+        return None
+    from forgetless.models.load import resolve_model_folder
+
+    try:
+        folder = resolve_model_folder(spec)
+    except InputError:
+        return spec
+    return str(folder.resolve()) if folder is not None else spec
+
+
 def _write_peft_files(model: nn.Module, folder: Path, base_model: str | None) -> None:
     from peft import LoraConfig
 
@@ -79,7 +94,7 @@ def _write_peft_files(model: nn.Module, folder: Path, base_model: str | None) ->
         target_modules=sorted(factors),  # full names: PEFT adapts exactly these modules
         bias="none",
         task_type="CAUSAL_LM",
-        base_model_name_or_path=base_model,
+        base_model_name_or_path=_peft_base_model(base_model),
     )
     peft_config.save_pretrained(str(folder))
     tensors = {}

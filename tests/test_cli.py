@@ -127,3 +127,9 @@ def test_ordinary_mistakes_exit_2_with_one_line(tmp_path, capsys, argv, message)
     err = capsys.readouterr().err.strip()
     assert message in err and "\n" not in err and "Traceback" not in err
     assert list((tmp_path / "folder").iterdir()) == []
+
+
+def test_tables_printed_to_a_pipe_are_plain_and_never_cut(capsys):
+    assert main(["models"]) == 0  # capsys: stdout is not a terminal
+    out = capsys.readouterr().out
+    assert "smollm2-135m-instruct\t" in out and "…" not in out and "┃" not in out

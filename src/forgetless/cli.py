@@ -30,12 +30,20 @@ def command(
 
 
 def _table(rows: list[dict], columns: list[str], title: str) -> None:
+    """A table on a terminal; plain tab-separated lines when stdout is a file or a pipe (nothing
+    is ever cut: the names printed are the names a user must type)."""
     from rich.console import Console
     from rich.table import Table
 
+    if not sys.stdout.isatty():
+        print(title)
+        print("\t".join(columns))
+        for row in rows:
+            print("\t".join(str(row[column]) for column in columns))
+        return
     table = Table(title=title)
     for column in columns:
-        table.add_column(column)
+        table.add_column(column, overflow="fold")
     for row in rows:
         table.add_row(*[str(row[column]) for column in columns])
     Console().print(table)

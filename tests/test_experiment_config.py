@@ -280,3 +280,9 @@ def test_bad_overrides_are_one_clear_error(override, message):
     with pytest.raises(InputError, match=message) as error:
         apply_overrides(data, [override])
     assert "\n" not in str(error.value) and override in str(error.value)
+
+
+def test_the_valid_keys_listed_are_keys_a_user_writes():
+    with pytest.raises(InputError, match="unknown key 'modle'") as error:
+        validate_config(config_with(modle="x"))
+    assert "base_dir" not in str(error.value) and "methods" in str(error.value)

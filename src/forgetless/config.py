@@ -291,7 +291,13 @@ def _fields_at(loc: tuple) -> list[str]:
         for inner in list(candidates):
             candidates.extend(getattr(inner, "__args__", ()))
         model = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
-    return sorted(model.model_fields) if model is not None else []
+    # fields the loader sets itself (base_dir) are not keys a user writes
+    return (
+        sorted(name for name in model.model_fields if name not in _SET_BY_LOADER) if model is not None else []
+    )
+
+
+_SET_BY_LOADER = {"base_dir"}
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:

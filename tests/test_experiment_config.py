@@ -139,7 +139,7 @@ def test_strategy_params_and_train_settings_checked_before_compute():
         validate_config(
             config_with(methods=[{"name": "lora", "strategy": "sequential_lora", "params": {"rank": 8}}])
         )
-    with pytest.raises(InputError, match=r"methods.0 \('lora'\)"):
+    with pytest.raises(InputError, match=r"^config: train: unknown key 'lrr'"):
         validate_config(config_with(train={"lrr": 1e-3}))
     with pytest.raises(
         InputError, match="unknown strategy 'sequential_lroa'. Did you mean 'sequential_lora'"
@@ -286,3 +286,11 @@ def test_the_valid_keys_listed_are_keys_a_user_writes():
     with pytest.raises(InputError, match="unknown key 'modle'") as error:
         validate_config(config_with(modle="x"))
     assert "base_dir" not in str(error.value) and "methods" in str(error.value)
+
+
+def test_a_run_level_train_mistake_is_blamed_on_the_run():
+    with pytest.raises(InputError, match=r"^config: train.lr: Input should be greater than 0$"):
+        validate_config(config_with(train={"lr": -1}))
+    methods = [{"name": "lora", "strategy": "sequential_lora", "train": {"epochs": 0}}]
+    with pytest.raises(InputError, match=r"^config: methods.0 \('lora'\): train.epochs"):
+        validate_config(config_with(methods=methods))

@@ -364,7 +364,7 @@ def check_config(config: ExperimentConfig, source: str = "config") -> None:
     for index, method in enumerate(config.methods):
         where = f"{source}: methods.{index} ('{method.name}')"
         if method.strategy:
-            _check_strategy(method, config, where)
+            _check_strategy(method, config, where, source)
         elif method.variant:
             _check_variant(method, config, where)
         else:
@@ -386,7 +386,7 @@ def check_config(config: ExperimentConfig, source: str = "config") -> None:
                 _check_mix(method.mix, config, outputs, where)
 
 
-def _check_strategy(method: MethodSpec, config: ExperimentConfig, where: str) -> None:
+def _check_strategy(method: MethodSpec, config: ExperimentConfig, where: str, source: str) -> None:
     """Strategy name, its setting, its params and the merged training settings, before compute."""
     from forgetless.strategies import check_setting, make_strategy
     from forgetless.training import TrainConfig
@@ -394,13 +394,18 @@ def _check_strategy(method: MethodSpec, config: ExperimentConfig, where: str) ->
     try:
         check_setting(method.strategy, config.setting)
         make_strategy(method.strategy, method.params, source="params")
-        TrainConfig.coerce({"seed": config.seed, **config.train, **method.train})
     except InputError as error:
         raise InputError(f"{where}: {error}") from None
-    except ValidationError as error:
-        first = error.errors()[0]
-        location = ".".join(str(part) for part in first["loc"])
-        raise InputError(f"{where}: train.{location}: {first['msg']}") from None
+    # a mistake in the run-level train section is the run's, not this method's: name it so
+    for scope, settings in ((f"{source}: ", config.train), (f"{where}: ", {**config.train, **method.train})):
+        try:
+            TrainConfig.coerce({"seed": config.seed, **settings})
+        except InputError as error:
+            raise InputError(f"{scope}{error}") from None
+        except ValidationError as error:
+            first = error.errors()[0]
+            location = ".".join(str(part) for part in first["loc"])
+            raise InputError(f"{scope}train.{location}: {first['msg']}") from None
 
 
 def _check_general(entries: list[str | TaskSpec], task_names: list[str], where: str) -> None:

@@ -59,6 +59,23 @@ def test_run_writes_matrices_and_resumes(tmp_path):
     assert not (tmp_path / "run" / LOCK_NAME).exists()
 
 
+def test_a_moved_run_reuses_every_cached_score(tmp_path):
+    import shutil
+
+    config = validate_config(CONFIG)
+    results = run_experiment(config, tmp_path / "run")
+    shutil.move(tmp_path / "run", tmp_path / "moved")
+    evaluations = sorted(p.relative_to(tmp_path / "moved") for p in (tmp_path / "moved").rglob("eval-*.json"))
+    logged = []
+    again = run_experiment(config, tmp_path / "moved", log=logged.append)
+    assert scores(again) == scores(results)
+    assert not [line for line in logged if line.startswith("evaluating")]  # merges included
+    assert (
+        sorted(p.relative_to(tmp_path / "moved") for p in (tmp_path / "moved").rglob("eval-*.json"))
+        == evaluations
+    )
+
+
 def test_second_run_on_the_same_folder_is_refused(tmp_path):
     with run_lock(tmp_path):
         with pytest.raises(InputError, match="in use by another forgetless run"):

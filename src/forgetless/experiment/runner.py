@@ -20,6 +20,7 @@ run stopped and ends with the same numbers.
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -274,7 +275,11 @@ class Runner:
                 self._merge(method, inputs, target)
             else:
                 self._mix(method, inputs, target)
-            identity = [method.model_dump(), inputs, self.config.model]
+            # the inputs by their place in the run folder, so a moved run keeps its cached scores
+            placed = [
+                Path(os.path.relpath(Path(path).resolve(), self.out.resolve())).as_posix() for path in inputs
+            ]
+            identity = [method.model_dump(), placed, self.config.model]
             what = f"{method.name} at stage {stage + 1}/{len(self.stages)}"
             load = lambda target=target: self._load_combined(target, load_model)  # noqa: E731
             rows.append(self.evaluate(target.parent, [identity, stage], load, what))

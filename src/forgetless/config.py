@@ -266,7 +266,9 @@ def _explain(error: ValidationError, source: str) -> str:
     # For `str | TaskSpec` unions pydantic reports one error per branch; the deepest location is
     # the branch the user meant (a mapping is a TaskSpec, not a mistyped string).
     errors = error.errors()
-    first = max(errors, key=lambda e: (len(e["loc"]), -errors.index(e)))
+    # an unknown key first: a misspelt required key also reports the key as missing
+    unknown = [e for e in errors if e["type"] == "extra_forbidden"]
+    first = max(unknown or errors, key=lambda e: (len(e["loc"]), -errors.index(e)))
     if any(part in ("str", "TaskSpec") for part in first["loc"]):
         first = {**first, "loc": tuple(part for part in first["loc"] if part not in ("str", "TaskSpec"))}
     location = ".".join(str(part) for part in first["loc"])

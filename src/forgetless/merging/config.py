@@ -106,7 +106,9 @@ class MergeConfig(BaseModel):
 
 
 def _explain(error: ValidationError, source: str) -> str:
-    first = error.errors()[0]
+    errors = error.errors()
+    # an unknown key first: a misspelt required key also reports the key as missing
+    first = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
     location = ".".join(str(part) for part in first["loc"])
     if first["type"] == "extra_forbidden":
         key = str(first["loc"][-1])

@@ -133,3 +133,20 @@ def test_tables_printed_to_a_pipe_are_plain_and_never_cut(capsys):
     assert main(["models"]) == 0  # capsys: stdout is not a terminal
     out = capsys.readouterr().out
     assert "smollm2-135m-instruct\t" in out and "…" not in out and "┃" not in out
+
+
+def test_the_examples_named_by_merge_and_mix_help_exist_and_validate(capsys):
+    import re
+    from pathlib import Path
+
+    from forgetless.merging.config import load_merge_config
+    from forgetless.mixing.config import load_mix_config
+
+    root = Path(__file__).resolve().parent.parent
+    for command, loader in (("merge", load_merge_config), ("mix", load_mix_config)):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        out = capsys.readouterr().out
+        (named,) = re.findall(r"examples/\S+\.yaml", out)
+        loader(root / named)  # the example validates (its models come from the train command in it)
+        assert f"forgetless {command} {named}" in (root / named).read_text()

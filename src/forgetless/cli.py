@@ -328,10 +328,8 @@ def _merge_args(parser: argparse.ArgumentParser) -> None:
 
 
 @command("merge", "merge models or LoRA adapters (average, task_arithmetic, ties, dare, dare_ties, lora_average)",
-         _merge_args, epilog="example:\n  forgetless merge examples/merge_ties.yaml --out merged/")  # fmt: skip
+         _merge_args, epilog="example:\n  forgetless merge examples/merge/ties.yaml --out runs/merged_ties")  # fmt: skip
 def cmd_merge(args: argparse.Namespace) -> int:
-    import json
-
     from forgetless.merging import load_merge_config, run_merge
 
     summary = run_merge(load_merge_config(args.config), args.out, overwrite=args.overwrite)
@@ -339,11 +337,21 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
-@command("mix", "mix models (Mixtral-style MoE) or LoRA adapters (routed LoRA experts) into one model",
-         _merge_args, epilog="example:\n  forgetless mix examples/mix_lora.yaml --out mixed/")  # fmt: skip
-def cmd_mix(args: argparse.Namespace) -> int:
-    import json
+def _mix_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "config", help="mix YAML: base_model, experts (model, task or prompts), router, top_k"
+    )
+    parser.add_argument(
+        "--out",
+        required=True,
+        help="output folder (Mixtral-style HF model or routed LoRA adapter), written atomically",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
 
+
+@command("mix", "mix models (Mixtral-style MoE) or LoRA adapters (routed LoRA experts) into one model",
+         _mix_args, epilog="example:\n  forgetless mix examples/mix/lora_experts.yaml --out runs/mixed_lora")  # fmt: skip
+def cmd_mix(args: argparse.Namespace) -> int:
     from forgetless.mixing import load_mix_config, run_mix
 
     summary = run_mix(load_mix_config(args.config), args.out, overwrite=args.overwrite)

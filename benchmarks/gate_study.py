@@ -112,7 +112,10 @@ def compare_final(run: Path, methods: list[str], reference: str) -> dict:
     return out
 
 
-def study(run: Path, methods: list[str]) -> dict:
+def study(run: Path, methods: list[str], learned_only: bool = False, gate_off: bool = True) -> dict:
+    """Per method and stage: paraphrase scores (of every sequence task, or with ``learned_only``
+    of the tasks trained so far), the gate report, and (``gate_off``) the paraphrases again with
+    the gate switched off."""
     config = json.loads((run / "config.json").read_text(encoding="utf-8"))
     sequence = [t if isinstance(t, str) else t["name"] for t in config["tasks"]]
     paraphrase = {
@@ -125,19 +128,19 @@ def study(run: Path, methods: list[str]) -> dict:
         for stage, folder in enumerate(_stage_folders(run / "methods" / method)):
             print(f"{method} stage {stage} ({folder.name}) ...", flush=True)
             model, tokenizer = load_stage(folder)
-            scores = evaluate_tasks(model, tokenizer, list(paraphrase.values()), batch_size=16)
-            entry: dict = {"paraphrase": {task: scores[name].score for task, name in paraphrase.items()}}
+            scored = {t: n for t, n in paraphrase.items() if not learned_only or t in sequence[: stage + 1]}
+            scores = evaluate_tasks(model, tokenizer, list(scored.values()), batch_size=16)
+            entry: dict = {"paraphrase": {task: scores[name].score for task, name in scored.items()}}
             if uses_sample_gate(model):
                 groups = {name: [e.prompt for e in get_task(name).test] for name in sequence}
                 groups.update({name: [e.prompt for e in get_task(name).test] for name in paraphrase.values()})
                 groups["general"] = general_prompts
                 entry["gate"] = _gate_report(model, tokenizer, groups, sequence[: stage + 1])
+            if uses_sample_gate(model) and gate_off:
                 # the same adapter with the gate never yielding: is a paraphrase failure the gate's?
                 set_inference_options(model, yield_threshold=1e9, yield_scale=0.0)
-                ungated = evaluate_tasks(model, tokenizer, list(paraphrase.values()), batch_size=16)
-                entry["paraphrase_gate_off"] = {
-                    task: ungated[name].score for task, name in paraphrase.items()
-                }
+                ungated = evaluate_tasks(model, tokenizer, list(scored.values()), batch_size=16)
+                entry["paraphrase_gate_off"] = {task: ungated[name].score for task, name in scored.items()}
             results[method][stage] = entry
             print(json.dumps(entry, indent=1), flush=True)
     return results
@@ -170,12 +173,18 @@ def main(argv: list[str] | None = None) -> int:
         help="methods compared item by item",
     )
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "gate_study.json")
+    parser.add_argument(
+        "--learned-only",
+        action="store_true",
+        help="score each stage's paraphrases of the tasks trained so far only",
+    )
+    parser.add_argument("--no-gate-off", action="store_true", help="skip the paraphrases with the gate off")
     parser.add_argument("--data-dir", type=Path, help="unused: built-in tasks only (common interface)")
     args = parser.parse_args(argv)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     config = json.loads((args.run / "config.json").read_text(encoding="utf-8"))
     order = [t if isinstance(t, str) else t["name"] for t in config["tasks"]]
-    results = study(args.run, methods)
+    results = study(args.run, methods, learned_only=args.learned_only, gate_off=not args.no_gate_off)
     compared = [m.strip() for m in args.compare.split(",") if m.strip()]
     comparison = compare_final(args.run, compared, args.reference)
     print(json.dumps(comparison, indent=1), flush=True)

@@ -186,7 +186,9 @@ def main(argv: list[str] | None = None) -> int:
     order = [t if isinstance(t, str) else t["name"] for t in config["tasks"]]
     results = study(args.run, methods, learned_only=args.learned_only, gate_off=not args.no_gate_off)
     compared = [m.strip() for m in args.compare.split(",") if m.strip()]
-    comparison = compare_final(args.run, compared, args.reference)
+    # the paired comparison reads the finished run's results.json (item outcomes)
+    finished = (args.run / "results.json").is_file()
+    comparison = compare_final(args.run, compared, args.reference) if finished else {}
     print(json.dumps(comparison, indent=1), flush=True)
     write_json(args.out, {"stages": results, **flat_figures(results, order), **comparison})
     print(f"wrote {args.out}")

@@ -477,7 +477,10 @@ def _run_lm_eval(arguments: list[str]) -> int:
     try:
         lm_eval_bridge.main()
     except SystemExit as exit_:
-        return int(exit_.code or 0) if not isinstance(exit_.code, str) else 2
+        if isinstance(exit_.code, str):
+            print(f"forgetless: error: {exit_.code}", file=sys.stderr)
+            return 2
+        return int(exit_.code or 0)
     finally:
         sys.argv = saved
     return 0

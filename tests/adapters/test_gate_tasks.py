@@ -120,3 +120,18 @@ def test_earlier_stages_survive_save_and_load(tmp_path):
         with torch.no_grad():
             assert torch.equal(fresh(input_ids=ids).logits, model(input_ids=ids).logits)
         assert _score(fresh, formatter, text) == _score(model, formatter, text)
+
+
+def test_an_adapter_saved_before_per_task_statistics_loads_as_shared(tmp_path):
+    import json
+
+    model, formatter = _model()
+    _train_gate(model, formatter, STAGE_A)
+    folder = save_adapter(model, tmp_path / "adapter", "tiny-llama")
+    manifest = json.loads((folder / "forgetless_adapter.json").read_text())
+    del manifest["config"]["gate_statistics"], manifest["config"]["gate_earlier_tasks"]
+    (folder / "forgetless_adapter.json").write_text(json.dumps(manifest))
+    fresh, _ = load_model("tiny-llama", seed=0)
+    load_adapter(fresh, folder)
+    assert {layer.config.gate_statistics for layer in _layers(fresh)} == {"shared"}
+    assert open_gate_task(fresh) == 0  # its next stage keeps updating the one shared set

@@ -154,3 +154,9 @@ def test_auto_peft_model_loads_a_lora_saved_for_an_alias(default_model, tmp_path
     peft_model = AutoPeftModelForCausalLM.from_pretrained(str(folder))
     with torch.no_grad():
         torch.testing.assert_close(peft_model(**batch).logits, expected, atol=1e-4, rtol=0)
+    # a PEFT-only folder still loads when its alias is named as the base
+    peft_only = export_peft_lora(model, tmp_path / "peft", base_model="smollm2-135m-instruct")
+    fresh, _ = load_model("smollm2-135m-instruct")
+    load_adapter(fresh, peft_only, base_model="smollm2-135m-instruct")
+    with pytest.raises(InputError, match="made for base model"):
+        load_adapter(load_model("tiny-llama")[0], peft_only, base_model="tiny-llama")

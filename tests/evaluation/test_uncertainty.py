@@ -107,6 +107,8 @@ def test_minimum_detectable_difference_shrinks_with_more_items():
     assert large == pytest.approx(small / 2, rel=0.15)
     # more disagreement between the methods: a larger difference is needed
     assert minimum_detectable_difference(100, 0.5) > small
+    # never more than the disagreement rate itself (the largest possible difference)
+    assert minimum_detectable_difference(150, 0.02) <= 0.02
     # the textbook case (Connor 1987): psi 0.2, 5% two-sided, 80% power, delta 0.1 needs ~155 pairs
     assert minimum_detectable_difference(155, 0.2) == pytest.approx(0.1, abs=0.003)
 

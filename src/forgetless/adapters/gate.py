@@ -111,7 +111,7 @@ def nearest_task_score(layer_scores: list[Tensor]) -> Tensor:
     empty scores +inf in every layer (``MixtureLinear._measure_prompt``), so it is never nearest
     unless all are; then the score is 0 (no evidence either way)."""
     scores = torch.stack(layer_scores).mean(dim=0).min(dim=0).values
-    return torch.where(torch.isfinite(scores), scores, torch.zeros_like(scores))
+    return torch.where(torch.isposinf(scores), torch.zeros_like(scores), scores)
 
 
 def open_gate_task(model: nn.Module) -> int:

@@ -56,9 +56,9 @@ def _peft_key(module: str, factor: str) -> str:
 
 
 def _peft_base_model(spec: str | None) -> str | None:
-    """What PEFT can resolve (``AutoPeftModelForCausalLM``): a forgetless alias or a .gguf file
-    becomes the local HF folder it loads from; hub ids and folders stay as given (forgetless's
-    own manifest keeps the spec as the user wrote it)."""
+    """What PEFT can resolve (``AutoPeftModelForCausalLM``): a forgetless alias, a .gguf file or
+    a local folder becomes the absolute local HF folder it loads from (a path of this machine:
+    forgetless's own manifest keeps the spec as the user wrote it); hub ids stay as given."""
     if spec is None:
         return None
     from forgetless.models.load import resolve_model_folder
@@ -167,8 +167,21 @@ def _read_tensors(path: Path) -> dict[str, Tensor]:
         ) from None
 
 
+def saved_config(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The adapter config of a manifest, read as it was trained: a sample-gated adapter saved
+    before per-task gate statistics existed kept one shared set."""
+    config = dict(manifest.get("config", {}))
+    if config.get("yield_pooling") == "sample" and "gate_statistics" not in config:
+        config["gate_statistics"] = "shared"
+    return config
+
+
 def _check_base(manifest_base: str | None, base_model: str | None, where: Path) -> None:
-    if base_model is not None and manifest_base is not None and str(manifest_base) != str(base_model):
+    # a PEFT folder names the alias's local folder (``_peft_base_model``): compare both resolved
+    same = str(manifest_base) == str(base_model) or (
+        _peft_base_model(str(manifest_base)) == _peft_base_model(str(base_model))
+    )
+    if base_model is not None and manifest_base is not None and not same:
         raise InputError(
             f"{where}: the adapter was made for base model '{manifest_base}', not '{base_model}'; "
             "load it on that model"
@@ -251,7 +264,7 @@ def _load_forgetless(model: nn.Module, folder: Path, base_model: str | None) -> 
             f"{path}: format {manifest.get('format')} v{manifest.get('version')} is not "
             f"{FORMAT} v{FORMAT_VERSION}; save it with this forgetless version"
         )
-    config = AdapterConfig.from_dict(manifest.get("config", {}), source=str(path))
+    config = AdapterConfig.from_dict(saved_config(manifest), source=str(path))
     _check_base(manifest.get("base_model"), base_model, path)
     saved_type, model_type = manifest.get("model_type"), _model_type(model)
     if saved_type and model_type and saved_type != model_type:

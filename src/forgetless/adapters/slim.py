@@ -338,14 +338,17 @@ class MixtureLinear(AdapterLayer):
         pooled = pooled_distance(self.clusters, tokens, content, learn=self.training)
         if self.training:
             self.gate_moments.update(pooled[content.any(dim=1)])
-        current = self.gate_moments.standardise(pooled).float()
-        if self.earlier_gates and int(self.gate_moments.batches) == 0:
-            current = torch.full_like(current, math.inf)  # a stage not trained yet: no statistics
-        earlier = [
-            gate.moments.standardise(pooled_distance(gate.clusters, tokens, content, learn=False)).float()
+        stages = [
+            (gate.moments, pooled_distance(gate.clusters, tokens, content, learn=False))
             for gate in self.earlier_gates
-        ]
-        self.context.gate_scores.append(torch.stack([*earlier, current]))
+        ] + [(self.gate_moments, pooled)]
+        scores = [moments.standardise(values).float() for moments, values in stages]
+        if len(stages) > 1:  # a stage without statistics (not trained yet) is no evidence
+            scores = [
+                torch.full_like(z, math.inf) if int(moments.batches) == 0 else z
+                for z, (moments, _) in zip(scores, stages)
+            ]
+        self.context.gate_scores.append(torch.stack(scores))
 
     def _record_yielded(self, active: Tensor, signal: Tensor, token_mask: Tensor | None) -> None:
         """Diagnostics see a fully yielded token as routed to the identity experts alone."""

@@ -202,10 +202,9 @@ def minimum_detectable_difference(
             - z_power * math.sqrt(max(psi - delta * delta, 0.0))
         )
 
-    top = math.sqrt(psi)
-    if excess(top) < 0:
-        return top
-    return float(brentq(excess, 0.0, top))
+    if excess(psi) < 0:  # the largest possible difference (every disagreement one way)
+        return psi
+    return float(brentq(excess, 0.0, psi))
 
 
 def default_reference(results: dict[str, Any]) -> str | None:

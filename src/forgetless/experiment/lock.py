@@ -33,8 +33,8 @@ def claim_run_folder(folder: str | os.PathLike) -> Path:
         raise InputError(f"--out {folder} is a file, not a folder; give a new or empty folder for the run")
     marker = folder / MARKER_NAME
     if folder.is_dir() and not marker.exists():
-        ours = (folder / "config.json").is_file() and (
-            (folder / "base").is_dir() or (folder / "methods").is_dir()
+        ours = (folder / "config.json").is_file() and any(
+            (folder / name).exists() for name in ("base", "methods", LOCK_NAME)
         )
         if any(folder.iterdir()) and not ours:
             raise InputError(

@@ -144,7 +144,7 @@ class Runner:
         cache = EvalCache(folder)
         key = cache_key(identity, self.task_keys, self.config.evaluation.model_dump(), self.config.seed)
         row = cache.get(key)
-        if row is not None:
+        if row is not None and "items" in row:  # rows cached before items were kept: score again
             return row
         if what:
             self.log(f"evaluating {what}")

@@ -38,6 +38,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from forgetless.adapters.config import AdapterConfig
+from forgetless.adapters.persist import saved_config
 from forgetless.data.formatting import Encoded, PromptFormatter
 from forgetless.data.task import Example, Task
 from forgetless.errors import InputError
@@ -145,7 +146,7 @@ def _check_adapter_settings(folder: Path, done: dict, strategy: Any, seed: int) 
     saved_path = folder / str(done.get("artifact", "")) / "forgetless_adapter.json"
     if make_config is None or not saved_path.is_file():
         return {}
-    saved = read_json(saved_path).get("config", {})
+    saved = saved_config(read_json(saved_path))
     wanted = make_config(seed).model_dump()
     # the seed aside, and fields the engine derives from the tokenizer when it builds the adapter
     derived = {"seed", *AdapterConfig.DERIVED_FIELDS}

@@ -123,6 +123,10 @@ def test_report_reference_picks_the_compared_method():
     assert default_reference({"methods": methods}) == "b"
     assert default_reference({"methods": methods, "run": {"report": {"reference": "c"}}}) == "c"
     assert default_reference({"methods": {"a": {"kind": "slim"}}}) == "a"
+    # as a run writes it: kind "strategy", the strategy in the run's config
+    run = {"methods": [{"name": "s", "strategy": "slim"}, {"name": "l", "strategy": "sequential_lora"}]}
+    written = {"s": {"kind": "strategy"}, "l": {"kind": "strategy"}}
+    assert default_reference({"methods": written, "run": run}) == "l"
 
 
 def test_replay_in_semi_cooperative_setting_is_an_error():

@@ -215,8 +215,11 @@ def default_reference(results: dict[str, Any]) -> str | None:
     wanted = (run.get("report") or {}).get("reference") if isinstance(run.get("report"), dict) else None
     if wanted in methods:
         return wanted
+    # a run's config names each method's strategy; a hand-made results.json may put it in "kind"
+    specs = run.get("methods") if isinstance(run.get("methods"), list) else []
+    strategies = {spec.get("name"): spec.get("strategy") for spec in specs if isinstance(spec, dict)}
     for name, entry in methods.items():
-        if entry.get("kind") == "sequential_lora":
+        if "sequential_lora" in (strategies.get(name), entry.get("kind")):
             return name
     return next(iter(methods), None)
 

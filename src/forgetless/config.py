@@ -463,6 +463,19 @@ def _check_variant(method: MethodSpec, config: ExperimentConfig, where: str) -> 
         )
 
 
+def merge_of_outputs(spec: MergeSpec, base_model: str, inputs: list[str], seed: int) -> dict[str, Any]:
+    """The merge config (unvalidated) of a run's merge of ``inputs`` (the first task outputs):
+    the runner merges with it, and the config check runs it on placeholders before training."""
+    weights = spec.weights or [1.0] * len(inputs)
+    return {
+        "merge_method": spec.method,
+        "base_model": base_model,
+        "models": [{"model": str(path), "parameters": {"weight": w}} for path, w in zip(inputs, weights)],
+        "parameters": spec.parameters,
+        "seed": seed,
+    }
+
+
 def _check_merge(spec: MergeSpec, config: ExperimentConfig, outputs: int, where: str) -> None:
     """The merge of the last stage (every task output), checked on placeholders before any
     training: weights, parameter names, types and values (the method runs on 2x2 zeros)."""
@@ -473,14 +486,8 @@ def _check_merge(spec: MergeSpec, config: ExperimentConfig, outputs: int, where:
             f"{where}: merge.weights has {len(spec.weights)} weight(s) for {outputs} task output(s); "
             "give one weight per task, in sequence order (stage i merges the first i)"
         )
-    weights = spec.weights or [1.0] * outputs
-    data = {
-        "merge_method": spec.method,
-        "base_model": config.model,
-        "models": [{"model": f"task-{i + 1}", "parameters": {"weight": w}} for i, w in enumerate(weights)],
-        "parameters": spec.parameters,
-        "seed": config.seed,
-    }
+    placeholders = [f"task-{i + 1}" for i in range(outputs)]
+    data = merge_of_outputs(spec, config.model, placeholders, config.seed)
     validate_merge_config(data, f"{where}: merge")
 
 
@@ -488,6 +495,7 @@ def _check_mix(spec: MixSpec, config: ExperimentConfig, outputs: int, where: str
     """The mix of the last stage, checked on placeholder experts before any training: router
     name, top_k and every mixing parameter."""
     from forgetless.mixing.config import MixConfig, validate_mix_config
+    from forgetless.mixing.run import mix_of_outputs
 
     set_here = {"base_model", "experts", "router", "top_k", "seed", "base_dir"}
     valid = sorted(set(MixConfig.model_fields) - set_here)
@@ -506,14 +514,8 @@ def _check_mix(spec: MixSpec, config: ExperimentConfig, outputs: int, where: str
             f"{where}: mix.top_k {spec.top_k} is more than the {total} expert(s) of the last stage; "
             f"set top_k <= {total} (earlier stages, with fewer experts, use them all)"
         )
-    data = {
-        "base_model": config.model,
-        "experts": [{"model": f"task-{i + 1}"} for i in range(outputs)],
-        "router": spec.router,
-        "top_k": total if spec.router == "uniform" else min(spec.top_k, total),
-        "seed": config.seed,
-        **spec.parameters,
-    }
+    placeholders = [f"task-{i + 1}" for i in range(outputs)]
+    data = mix_of_outputs(config.model, placeholders, spec.router, spec.top_k, config.seed, **spec.parameters)
     validate_mix_config(data, f"{where}: mix", tasks_given=[True] * outputs)
 
 

@@ -287,19 +287,13 @@ class Runner:
         return {"stages": [task.name for task in self.stages], "rows": rows}
 
     def _merge(self, method: MethodSpec, inputs: list[str], target: Path) -> None:
+        from forgetless.config import merge_of_outputs
         from forgetless.merging import MergeConfig, run_merge
 
         if (target / "config.json").exists() or (target / "adapter_config.json").exists():
             return
         spec = method.merge
-        weights = spec.weights or [1.0] * len(inputs)
-        config = MergeConfig(
-            merge_method=spec.method,
-            base_model=self.config.model,
-            models=[{"model": path, "parameters": {"weight": w}} for path, w in zip(inputs, weights)],
-            parameters=spec.parameters,
-            seed=self.config.seed,
-        )
+        config = MergeConfig(**merge_of_outputs(spec, self.config.model, inputs, self.config.seed))
         self.log(f"{method.name}: {spec.method} merge of {len(inputs)} task output(s)")
         run_merge(config, target, overwrite=True)
 

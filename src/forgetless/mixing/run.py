@@ -258,6 +258,23 @@ def run_mix(config: MixConfig, out_dir: str | Path, overwrite: bool = False) -> 
     return _run(config, out_dir, overwrite, [_load_task(expert.task, config) for expert in config.experts])
 
 
+def mix_of_outputs(
+    base_model: str, inputs: list[str], router: str, top_k: int, seed: int, **parameters: Any
+) -> dict[str, Any]:
+    """The mix config (unvalidated) of ``run_mix_outputs``: ``top_k`` capped at the number of
+    experts, every expert for the uniform router. The experiment config checks its mixes with
+    the same function, on placeholder inputs, before any training."""
+    total = len(inputs) + int(parameters.get("num_identity_experts", 0) or 0)
+    return {
+        "base_model": base_model,
+        "experts": [{"model": str(path)} for path in inputs],
+        "router": router,
+        "top_k": total if router == "uniform" else min(top_k, total),
+        "seed": seed,
+        **parameters,
+    }
+
+
 def run_mix_outputs(
     base_model: str,
     inputs: list[str],
@@ -283,18 +300,10 @@ def run_mix_outputs(
         raise InputError(
             f"tasks has {len(tasks)} entries for {len(inputs)} experts; give one task per expert"
         )
-    total = len(inputs) + int(parameters.get("num_identity_experts", 0))
-    data = {
-        "base_model": base_model,
-        "experts": [{"model": str(path)} for path in inputs],
-        "router": router,
-        "top_k": total if router == "uniform" else min(top_k, total),
-        "seed": seed,
-        **parameters,
-    }
     given = [True] * len(inputs) if tasks else None
+    data = mix_of_outputs(base_model, inputs, router, top_k, seed, **parameters)
     config = validate_mix_config(data, "mix parameters", tasks_given=given)
     return _run(config, out_dir, overwrite, list(tasks) if tasks else [None] * len(inputs))
 
 
-__all__ = ["run_mix", "run_mix_outputs"]
+__all__ = ["mix_of_outputs", "run_mix", "run_mix_outputs"]

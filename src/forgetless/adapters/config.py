@@ -66,6 +66,10 @@ _KIND_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
+# SLIM's stage_experts where its gate allows per_task (docs/results.md, protocol C)
+_SLIM_STAGE_EXPERTS = "shared"
+
+
 class AdapterConfig(BaseModel):
     """Adapter hyper-parameters. Unknown keys are errors; ``None`` fields take the kind's default."""
 
@@ -137,6 +141,14 @@ class AdapterConfig(BaseModel):
         "apart (frozen when the next stage starts) and scores a prompt by its distance to the nearest "
         "task; shared keeps one set that every stage updates",
     )
+    stage_experts: Literal["per_task", "shared"] | None = Field(
+        None,
+        description="sample pooling with per_task gate statistics: per_task freezes a copy of the experts "
+        "(and router) when the next stage starts and sends each prompt to the experts of its nearest "
+        "stage, so later stages cannot overwrite what earlier ones learned (memory and disk grow by one "
+        "expert set per stage); shared trains one set over every stage (slim: per_task where the gate "
+        "allows it, else shared)",
+    )
     gate_earlier_tasks: int = Field(
         0,
         ge=0,
@@ -191,6 +203,14 @@ class AdapterConfig(BaseModel):
         for key, value in _KIND_DEFAULTS.get(kind, _KIND_DEFAULTS["slim"]).items():
             if filled.get(key) is None:
                 filled[key] = value
+        if filled.get("stage_experts") is None:
+            per_stage = (
+                _SLIM_STAGE_EXPERTS == "per_task"
+                and kind == "slim"
+                and filled.get("yield_pooling") == "sample"
+                and filled.get("gate_statistics", "per_task") == "per_task"
+            )
+            filled["stage_experts"] = "per_task" if per_stage else "shared"
         return filled
 
     @model_validator(mode="after")
@@ -205,6 +225,13 @@ class AdapterConfig(BaseModel):
                 raise ValueError("kind lora has no yielding or masking; use kind slim")
         if self.yield_pooling == "prompt" and not self.num_identity_experts:
             raise ValueError("yield_pooling prompt needs identity experts to yield to; use kind slim")
+        if self.stage_experts == "per_task" and not (
+            self.uses_sample_gate and self.gate_statistics == "per_task"
+        ):
+            raise ValueError(
+                "stage_experts per_task needs the sample-level gate with per-task statistics to pick a "
+                "prompt's stage; set yield_pooling: sample and gate_statistics: per_task, or stage_experts: shared"
+            )
         total = self.num_experts + self.num_identity_experts
         if self.top_k > total:
             raise ValueError(f"top_k: {self.top_k} is more than the {total} experts; lower top_k")

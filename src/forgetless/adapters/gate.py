@@ -105,13 +105,26 @@ def pooled_distance(clusters: nn.Module, tokens: Tensor, content: Tensor, learn:
     return sums / content.sum(dim=1).clamp_min(1)
 
 
+def nearest_task(layer_scores: list[Tensor]) -> tuple[Tensor, Tensor]:
+    """Per-layer (S, B) z-scores against S stages' statistics -> (B,) gate scores and (B,) the
+    index of each row's nearest stage (0 = the first, S - 1 = the current one).
+
+    The score is the mean over layers, then the nearest stage's (the minimum over S). A stage
+    whose statistics are still empty scores +inf in every layer (``MixtureLinear._measure_prompt``),
+    so it is never nearest unless all are; then the score is 0 (no evidence either way) and the
+    stage the current one.
+    """
+    per_stage = torch.stack(layer_scores).mean(dim=0)
+    scores, stages = per_stage.min(dim=0)
+    empty = torch.isposinf(scores)
+    scores = torch.where(empty, torch.zeros_like(scores), scores)
+    stages = torch.where(empty, torch.full_like(stages, per_stage.shape[0] - 1), stages)
+    return scores, stages
+
+
 def nearest_task_score(layer_scores: list[Tensor]) -> Tensor:
-    """Per-layer (S, B) z-scores against S stages' statistics -> (B,) gate scores: the mean over
-    layers, then the nearest stage (the minimum over S). A stage whose statistics are still
-    empty scores +inf in every layer (``MixtureLinear._measure_prompt``), so it is never nearest
-    unless all are; then the score is 0 (no evidence either way)."""
-    scores = torch.stack(layer_scores).mean(dim=0).min(dim=0).values
-    return torch.where(torch.isposinf(scores), torch.zeros_like(scores), scores)
+    """The (B,) gate scores of ``nearest_task``."""
+    return nearest_task(layer_scores)[0]
 
 
 def open_gate_task(model: nn.Module) -> int:
@@ -194,11 +207,14 @@ class SequenceGate:
         self.prefix_ids = list(prefix_ids)
         self.suffix_ids = list(suffix_ids)
         self.scores: Tensor | None = None  # (B,) gate score of every running sequence
+        self.stages: Tensor | None = None  # (B,) its nearest training stage (stage_experts)
 
     def reorder(self, index: Tensor) -> None:
         """Keep/repeat rows as a KV cache's ``reorder_cache(index)`` does."""
         if self.scores is not None:
             self.scores = self.scores.index_select(0, index.to(self.scores.device))
+        if self.stages is not None:
+            self.stages = self.stages.index_select(0, index.to(self.stages.device))
 
     def row_scores(self, batch: int) -> Tensor:
         """(B,) scores of the running sequences; a clear error when rows were not kept in step."""
@@ -213,6 +229,11 @@ class SequenceGate:
                 "after cache.reorder_cache(index) call forgetless.adapters.reorder_sequence_state(model, index)"
             )
         return self.scores
+
+    def row_stages(self, batch: int) -> Tensor:
+        """(B,) nearest stage of the running sequences (checked like ``row_scores``)."""
+        self.row_scores(batch)
+        return self.stages
 
     def before_forward(self, model: nn.Module, context, args: tuple, kwargs: dict) -> None:  # noqa: ANN001
         """Score the sequences that start in this forward (called by the model's pre-hook)."""
@@ -234,11 +255,19 @@ class SequenceGate:
         prompt = real & prompt.to(real.device) if prompt is not None and prompt.shape == real.shape else real
         ids = context.input_ids if context.input_ids is not None and context.input_ids.dim() == 2 else None
         content = content_mask(ids, prompt, self.prefix_ids, self.suffix_ids)
-        self.scores = self._base_pass(model, context, kwargs, inputs, content)
+        self.scores, self.stages = self._base_pass(model, context, kwargs, inputs, content)
 
     @torch.no_grad()
-    def _base_pass(self, model: nn.Module, context, kwargs: dict, inputs: Tensor, content: Tensor) -> Tensor:  # noqa: ANN001
-        """Run the prompt columns through the model with every SLIM layer on its base path."""
+    def _base_pass(
+        self,
+        model: nn.Module,
+        context,  # noqa: ANN001
+        kwargs: dict,
+        inputs: Tensor,
+        content: Tensor,
+    ) -> tuple[Tensor, Tensor]:
+        """Run the prompt columns through the model with every SLIM layer on its base path:
+        (B,) gate scores and (B,) nearest stages."""
         columns = content.any(dim=0).nonzero()
         cut = int(columns[-1]) + 1 if columns.numel() else 1
         call: dict = {"input_ids" if inputs.dtype == torch.long else "inputs_embeds": inputs[:, :cut]}
@@ -254,8 +283,9 @@ class SequenceGate:
         finally:
             context.gate_pass, context.content_mask, context.gate_scores = False, None, []
         if not scores:
-            return inputs.new_zeros(inputs.shape[0], dtype=torch.float32)
-        return nearest_task_score(scores)
+            batch = inputs.shape[0]
+            return inputs.new_zeros(batch, dtype=torch.float32), inputs.new_zeros(batch, dtype=torch.long)
+        return nearest_task(scores)
 
 
 def _contexts(model: nn.Module) -> list:

@@ -37,11 +37,12 @@ class InferencePlan:
     yield_columns: Tensor | None
 
 
-def build_plan(layer: torch.nn.Module) -> InferencePlan:
-    """Fold ``layer`` (a ``MixtureLinear``) for inference; call under ``torch.no_grad()``."""
+def build_plan(layer: torch.nn.Module, experts: torch.nn.Module | None = None) -> InferencePlan:
+    """Fold ``layer`` (a ``MixtureLinear``) for inference, with an earlier stage's frozen
+    ``experts`` (``StageExperts``) in place of its own if given; call under ``torch.no_grad()``."""
     config = layer.config
-    a, b, scales = layer.expert_factors()
-    router = layer.router.detach()
+    a, b, scales = layer.expert_factors(experts)
+    router = (layer if experts is None else experts).router.detach()
     num_total = config.num_total_experts
     if layer.config.uses_sample_gate:  # the yielding signal comes per sequence from the gate
         return InferencePlan(
@@ -75,10 +76,15 @@ def build_plan(layer: torch.nn.Module) -> InferencePlan:
 
 
 def inference_update(
-    layer: torch.nn.Module, plan: InferencePlan, tokens: Tensor, signal: Tensor | None = None
-) -> Tensor:
+    layer: torch.nn.Module,
+    plan: InferencePlan,
+    tokens: Tensor,
+    signal: Tensor | None = None,
+    routing: bool = False,
+) -> Tensor | tuple[Tensor, Tensor, Tensor]:
     """The adapter's contribution ``sum_e w_e s_e B'_e A'_e x``. tokens: (T, d_in) -> (T, d_out);
-    signal: (T,) the sample-level gate's score of each token's sequence, or None."""
+    signal: (T,) the sample-level gate's score of each token's sequence, or None. With
+    ``routing`` also the routing weights (T, E_tot) and chosen experts (T, K)."""
     config = layer.config
     num_total, num_lora, rank = config.num_total_experts, config.num_experts, config.r
     both = torch.addmm(plan.bias, tokens, plan.weight_t)
@@ -93,4 +99,5 @@ def inference_update(
     weights = torch.zeros_like(logits).scatter_(1, chosen, torch.softmax(top_logits, dim=1))
     lora_weights = weights[:, :num_lora] * plan.scales
     hidden = (tokens @ plan.a_t).view(-1, num_lora, rank) * lora_weights.unsqueeze(2)
-    return hidden.view(-1, num_lora * rank) @ plan.b
+    update = hidden.view(-1, num_lora * rank) @ plan.b
+    return (update, weights, chosen) if routing else update

@@ -169,10 +169,13 @@ def _read_tensors(path: Path) -> dict[str, Tensor]:
 
 def saved_config(manifest: dict[str, Any]) -> dict[str, Any]:
     """The adapter config of a manifest, read as it was trained: a sample-gated adapter saved
-    before per-task gate statistics existed kept one shared set."""
+    before per-task gate statistics existed kept one shared set, and one saved before per-stage
+    experts existed one set of experts for all stages."""
     config = dict(manifest.get("config", {}))
     if config.get("yield_pooling") == "sample" and "gate_statistics" not in config:
         config["gate_statistics"] = "shared"
+    if config and "stage_experts" not in config:
+        config["stage_experts"] = "shared"
     return config
 
 

@@ -28,17 +28,19 @@ from torch import Tensor, nn
 from forgetless.adapters.base import ADAPTER_LAYERS, AdapterLayer, TokenContext
 from forgetless.adapters.clustering import SlidingClusters
 from forgetless.adapters.config import AdapterConfig
-from forgetless.adapters.gate import GateStatistics, RunningMoments, pooled_distance
+from forgetless.adapters.gate import GateStatistics, RunningMoments
 from forgetless.adapters.inference import InferencePlan, build_plan, inference_update
 from forgetless.adapters.masking import masked_experts, structured_dare_masks
 from forgetless.adapters.pooling import PromptPool
+from forgetless.adapters.sequence_routing import SequenceRouting
+from forgetless.adapters.stages import StageExperts
 
 # From this many tokens on, experts run only on their routed tokens (K / E_l of the dense
 # work); below it, one dense product over all experts costs fewer operator calls.
 _SPARSE_MIN_TOKENS = 64
 
 
-class MixtureLinear(AdapterLayer):
+class MixtureLinear(SequenceRouting, AdapterLayer):
     """A frozen ``nn.Linear`` plus ``E_l`` routed LoRA experts and ``E_id`` identity experts.
 
     Parameters:
@@ -93,6 +95,12 @@ class MixtureLinear(AdapterLayer):
             )
             for _ in range(config.gate_earlier_tasks if config.uses_sample_gate else 0)
         )
+        # stage_experts per_task: every earlier stage's experts and router, frozen (stages.py)
+        self.earlier_experts = nn.ModuleList(
+            StageExperts.empty_like(self)
+            for _ in range(config.gate_earlier_tasks if config.stage_experts == "per_task" else 0)
+        )
+        self._stage_plans: dict[int, tuple[tuple, InferencePlan]] = {}
         # 0 for LoRA experts, 1 for identity experts: where the yielding shift is added
         identity_columns = torch.zeros(config.num_total_experts, dtype=dtype, device=device)
         identity_columns[config.num_experts :] = 1.0
@@ -120,15 +128,6 @@ class MixtureLinear(AdapterLayer):
             calibration=config.distance_calibration,
             seed=config.seed * 1_000_003 + layer_index,
         ).to(device)
-
-    def open_gate_task(self, config: AdapterConfig) -> None:
-        """Freeze this stage's gate statistics among the earlier ones and start empty ones
-        (``gate.open_gate_task``; ``config`` counts the frozen stages)."""
-        device = self.clusters.centres.device
-        self.earlier_gates.append(GateStatistics(self.clusters, self.gate_moments))
-        self.clusters = self._new_clusters(config, self.mask_seed - config.seed * 1_000_003, device)
-        self.gate_moments = RunningMoments(config.cluster_momentum).to(device)
-        self.config = config
 
     # ---- 1. router logits -----------------------------------------------------------------------
 
@@ -223,14 +222,15 @@ class MixtureLinear(AdapterLayer):
             )
         return self._eval_masks
 
-    def expert_factors(self) -> tuple[Tensor, Tensor, Tensor]:
-        """Stacked expert factors as used this forward.
+    def expert_factors(self, experts: StageExperts | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """Stacked expert factors as used this forward (of an earlier stage's ``experts`` if given).
 
         Returns:
             a (E_l r, d_in), b (E_l r, d_out) and scales (E_l,) = ``s_e lambda / f`` (``s_e``
             without merging): the update of expert e is ``scale_e b_e^T a_e``, masks of step 6 applied.
         """
-        lora_a, lora_b, factor = self.lora_A, self.lora_B, 1.0
+        source = self if experts is None else experts
+        lora_a, lora_b, factor = source.lora_A, source.lora_B, 1.0
         if self._merging_active():
             input_mask, output_mask, rescale = self._masks()
             lora_a, lora_b = masked_experts(lora_a, lora_b, input_mask, output_mask)
@@ -238,7 +238,7 @@ class MixtureLinear(AdapterLayer):
         experts, rank = self.config.num_experts, self.config.r
         a = lora_a.reshape(experts * rank, self.in_features)
         b = lora_b.transpose(1, 2).reshape(experts * rank, self.out_features)
-        return a, b, self.expert_scaling * factor
+        return a, b, source.expert_scaling * factor
 
     def _cached_expert_factors(self) -> tuple[Tensor, Tensor, Tensor]:
         """At inference without autograd the masked factors are built once, not every token."""
@@ -252,15 +252,25 @@ class MixtureLinear(AdapterLayer):
 
     def train(self, mode: bool = True) -> MixtureLinear:
         self._eval_factors = self._eval_router = self._plan = None
+        self._stage_plans = {}
         return super().train(mode)
 
     def after_load(self) -> None:
         self._eval_factors = self._eval_router = self._plan = None
+        self._stage_plans = {}
 
     def __getstate__(self) -> dict:
         # copies and pickles leave out per-forward values (the balance loss is part of a graph)
         state = super().__getstate__()
-        state = dict(state, _balance=None, _eval_factors=None, _eval_router=None, _plan=None, recorder=None)
+        state = dict(
+            state,
+            _balance=None,
+            _eval_factors=None,
+            _eval_router=None,
+            _plan=None,
+            _stage_plans={},
+            recorder=None,
+        )
         return state
 
     # ---- 5. output --------------------------------------------------------------------------------
@@ -275,21 +285,30 @@ class MixtureLinear(AdapterLayer):
         leading = x.shape[:-1]
         tokens = x.reshape(-1, self.in_features).to(self.lora_A.dtype)
         token_mask = self.context.token_mask(leading)
-        signal, active = self._sample_signal(leading)
+        signal, active, stage = self._sample_signal(leading)
         if active is not None:  # some sequences yield fully: only the others reach the experts
             if self.recorder is not None:
                 self._record_yielded(active, signal, token_mask)
             if not bool(active.any()):
                 return result
             tokens, signal = tokens[active], signal[active]
+            stage = None if stage is None else stage[active]
             token_mask = None if token_mask is None else token_mask[active]
-        if self._use_inference_plan(tokens):
-            update = inference_update(self, self._inference_plan(), tokens, signal)
+        if stage is not None and bool((stage < len(self.earlier_experts)).any()):
+            update = self._staged_update(tokens, token_mask, leading, signal, stage)
         else:
-            update = self._routed_update(tokens, token_mask, leading, signal)
+            update = self._update(tokens, token_mask, leading, signal)
         if active is not None:
             update = update.new_zeros(active.shape[0], self.out_features).index_put_((active,), update)
         return result + update.view(*leading, self.out_features).to(result.dtype)
+
+    def _update(
+        self, tokens: Tensor, token_mask: Tensor | None, leading: torch.Size, signal: Tensor | None
+    ) -> Tensor:
+        """The current experts' contribution: the folded plan for few tokens, else steps 1-6."""
+        if self._use_inference_plan(tokens):
+            return inference_update(self, self._inference_plan(), tokens, signal)
+        return self._routed_update(tokens, token_mask, leading, signal)
 
     def _routed_update(
         self, tokens: Tensor, token_mask: Tensor | None, leading: torch.Size, signal: Tensor | None
@@ -307,61 +326,6 @@ class MixtureLinear(AdapterLayer):
         if self.recorder is not None:
             self.recorder(self, weights.detach(), chosen, distance, token_mask)
         return update
-
-    # ---- 3-4, sample level: one yielding signal per sequence (gate.py) ---------------------------
-
-    def _sample_signal(self, leading: torch.Size) -> tuple[Tensor | None, Tensor | None]:
-        """The gate's score of each token's sequence (T,), and which tokens still reach the experts
-        (T,) bool (None when all do); (None, None) unless this layer yields per sample.
-
-        In training every sequence reaches the experts: training data is in-domain by definition,
-        and a new task's prompts, far from the earlier tasks', must not yield before they are
-        learned (the gate pass still runs, so the clusters and moments learn them).
-        """
-        if self.gate_moments is None or not self.config.uses_sample_gate or self.training:
-            return None, None
-        batch, length = (1, leading[0]) if len(leading) == 1 else (leading[0], leading[-1])
-        scores = self.context.gate.row_scores(batch)
-        signal = scores[:, None].expand(batch, length).reshape(-1).to(self.lora_A.dtype)
-        active = signal < self.config.yield_threshold
-        return signal, (None if bool(active.all()) else active)
-
-    @torch.no_grad()
-    def _measure_prompt(self, x: Tensor) -> None:
-        """Gate pass: pool the calibrated distance of the prompt's content tokens per sequence to
-        the current stage's clusters (learning them and their moments in train mode) and to every
-        earlier stage's, and report the (S, B) z-scores (S = earlier stages + the current one)."""
-        content = self.context.content_mask
-        if content is None or tuple(content.shape) != tuple(x.shape[:-1]):
-            raise RuntimeError("sample-level yielding needs (batch, seq) inputs matching the content mask")
-        tokens = x.reshape(-1, self.in_features)[content.reshape(-1)].to(self.clusters.centres.dtype)
-        pooled = pooled_distance(self.clusters, tokens, content, learn=self.training)
-        if self.training:
-            self.gate_moments.update(pooled[content.any(dim=1)])
-        stages = [
-            (gate.moments, pooled_distance(gate.clusters, tokens, content, learn=False))
-            for gate in self.earlier_gates
-        ] + [(self.gate_moments, pooled)]
-        scores = [moments.standardise(values).float() for moments, values in stages]
-        if len(stages) > 1:  # a stage without statistics (not trained yet) is no evidence
-            scores = [
-                torch.full_like(z, math.inf) if int(moments.batches) == 0 else z
-                for z, (moments, _) in zip(scores, stages)
-            ]
-        self.context.gate_scores.append(torch.stack(scores))
-
-    def _record_yielded(self, active: Tensor, signal: Tensor, token_mask: Tensor | None) -> None:
-        """Diagnostics see a fully yielded token as routed to the identity experts alone."""
-        yielded = ~active
-        if not bool(yielded.any()):
-            return
-        count, num_lora = int(yielded.sum()), self.config.num_experts
-        weights = signal.new_zeros(count, self.config.num_total_experts)
-        weights[:, num_lora:] = 1.0 / self.config.num_identity_experts
-        identity = torch.arange(num_lora, self.config.num_total_experts, device=signal.device)
-        chosen = identity.repeat(self.config.top_k)[: self.config.top_k].expand(count, -1)
-        mask = None if token_mask is None else token_mask[yielded]
-        self.recorder(self, weights, chosen, signal[yielded], mask)
 
     def _use_inference_plan(self, tokens: Tensor) -> bool:
         """Few tokens at inference without autograd or diagnostics: the folded path (inference.py)."""

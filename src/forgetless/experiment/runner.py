@@ -227,6 +227,7 @@ class Runner:
             folder,
             self.config.setting,
             on_stage_end=on_stage_end,
+            label=method.name,
         )
         self.timings[method.name] = round(time.perf_counter() - start, 1)
         stages = [task.name for task in self.stages]

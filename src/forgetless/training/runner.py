@@ -190,6 +190,7 @@ def run_strategy(
     setting: str = "semi_cooperative",
     on_stage_end: StageCallback | None = None,
     dtype: torch.dtype | str = torch.float32,
+    label: str | None = None,
 ) -> list[StageResult]:
     """Train ``strategy_name`` over ``tasks`` in order; one ``StageResult`` per task.
 
@@ -205,6 +206,7 @@ def run_strategy(
             only; ``model`` is the model after that stage in eval mode (see the module docstring
             for one_round).
         dtype: weight dtype of the loaded models.
+        label: the name the progress bar shows (default ``strategy_name``; a run's method name).
 
     Raises:
         InputError: bad strategy name, params, setting, training config, empty task, or a stage
@@ -261,7 +263,7 @@ def run_strategy(
                 pad_id=source.tokenizer.pad_token_id,
                 folder=folder,
                 extra_loss=strategy.extra_loss,
-                description=f"{strategy_name} {stage + 1}/{len(tasks)} {task.name}",
+                description=f"{label or strategy_name} {stage + 1}/{len(tasks)} {task.name}",
                 fingerprint=fingerprint,
             )
             done = {

@@ -286,8 +286,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def _eval_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--model", default=None, help="model alias, .gguf, HF folder or hub id (default: embedded)"
-    )
+        "--model", default=None,
+        help="model alias, .gguf, HF folder, hub id or a run's stage folder (default: embedded)",
+    )  # fmt: skip
     parser.add_argument("--adapter", default=None, help="forgetless or PEFT adapter folder to load on top")
     parser.add_argument(
         "--tasks", default="general", help="comma-separated tasks or suites (default: general)"
@@ -315,6 +316,35 @@ def cmd_eval(args: argparse.Namespace) -> int:
     ]
     _table(rows, ["task", "score"], f"forgetless eval ({result['seconds']:.0f} s)")
     return 0
+
+
+def _serve_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "model", help="what eval's --model takes: alias, .gguf, HF folder, hub id, stage folder"
+    )
+    parser.add_argument("--adapter", default=None, help="forgetless or PEFT adapter folder to load on top")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--api-key", default=os.environ.get("FORGETLESS_API_KEY"), help="API key to require")
+    parser.add_argument("--name", default=None, help="the model id clients send (default: MODEL)")
+    parser.add_argument("--max-batch", type=int, default=8, help="requests decoded together at most")
+    parser.add_argument("--queue-size", type=int, default=64, help="requests that may wait (503 above)")
+    parser.add_argument("--max-tokens-limit", type=int, default=1024, help="largest max_tokens (400 above)")
+    parser.add_argument("--max-request-bytes", type=int, default=1_000_000, help="largest body (413 above)")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+@command("serve", "serve a model (optionally with an adapter) over an OpenAI-compatible HTTP API", _serve_args,
+         epilog="""examples:
+  forgetless serve runs/demo/methods/slim/stage-2-glorp_arithmetic
+  forgetless serve runs/demo/methods/seq_fft/stage-2-glorp_arithmetic/model --port 8001 --api-key secret""")  # fmt: skip
+def cmd_serve(args: argparse.Namespace) -> int:
+    from forgetless.serving import serve
+
+    options = ("host", "port", "api_key", "name", "max_batch", "queue_size", "max_tokens_limit",
+               "max_request_bytes", "dtype", "seed")  # fmt: skip
+    return serve(args.model, args.adapter, **{option: getattr(args, option) for option in options})
 
 
 def _merge_args(parser: argparse.ArgumentParser) -> None:

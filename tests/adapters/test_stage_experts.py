@@ -144,6 +144,7 @@ def test_per_task_experts_need_the_per_task_gate():
         AdapterConfig.from_dict({"kind": "slim", "stage_experts": "per_task", "gate_statistics": "shared"})
     with pytest.raises(InputError, match="stage_experts per_task needs"):
         AdapterConfig.from_dict({"kind": "slim", "stage_experts": "per_task", "yield_pooling": "token"})
+    assert AdapterConfig.from_dict({"kind": "slim"}).stage_experts == "per_task"  # the default
     # left unset, a token-level or shared-gate SLIM simply keeps one set
     assert AdapterConfig.from_dict({"kind": "slim", "yield_pooling": "token"}).stage_experts == "shared"
     assert AdapterConfig.from_dict({"kind": "moe_lora"}).stage_experts == "shared"

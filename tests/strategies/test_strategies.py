@@ -9,6 +9,7 @@ import torch
 
 from forgetless import load_model
 from forgetless.adapters import lora_factors
+from forgetless.errors import InputError
 from forgetless.strategies import ModelSource, make_strategy
 from forgetless.strategies.olora import orthogonality_penalty
 from forgetless.training import load_stage, run_strategy
@@ -157,6 +158,14 @@ def test_mixture_strategies_continue_one_adapter_with_regularization(name, two_t
         after_one = {
             k: v for k, v in after_one.items() if ".clusters." not in k and ".gate_moments." not in k
         }
+        if next(iter(adapter_layers(start).values())).config.stage_experts == "per_task":
+            # and stage 1's experts and router, frozen beside the trainable copy that continues
+            for part in ("lora_A", "lora_B", "router", "expert_scaling"):
+                after_one |= {
+                    k.replace(f".{part}", f".earlier_experts.0.{part}"): v
+                    for k, v in list(after_one.items())
+                    if k.endswith(f".{part}")
+                }
     assert state.keys() == after_one.keys()
     assert all(torch.equal(state[key], after_one[key]) for key in state)  # buffers included
     tokenizer = ModelSource("tiny-llama").tokenizer
@@ -165,3 +174,18 @@ def test_mixture_strategies_continue_one_adapter_with_regularization(name, two_t
     assert strategy.extra_loss(start).item() > 0  # L1 (slim) and balance losses of the last forward
     lines = [json.loads(x) for x in (results[0].folder / "metrics.jsonl").read_text().splitlines()]
     assert all(line["extra_loss"] > 0 for line in lines)
+
+
+def test_eval_and_serve_take_a_stage_folder_as_the_model(two_tasks, fast_config, tmp_path):
+    from forgetless.evaluation.run import load_model_and_adapter
+
+    results = run_strategy(
+        "slim", {"r": 4, "num_experts": 2, "top_k": 1}, "tiny-llama", two_tasks, fast_config, tmp_path
+    )
+    model, tokenizer = load_model_and_adapter(str(results[1].folder))
+    reference, _ = load_stage(results[1])
+    batch = tokenizer(["alpha item 2?"], return_tensors="pt")
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, reference(**batch).logits)
+    with pytest.raises(InputError, match="brings its own adapter"):
+        load_model_and_adapter(str(results[1].folder), adapter=str(results[1].folder / "adapter"))

@@ -66,8 +66,9 @@ _KIND_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
-# SLIM's stage_experts where its gate allows per_task (docs/results.md, protocol C)
-_SLIM_STAGE_EXPERTS = "shared"
+# SLIM's stage_experts where its gate allows per_task: chosen on validation data by the rule in
+# benchmarks/stage_experts.py (docs/results.md, protocol C)
+_SLIM_STAGE_EXPERTS = "per_task"
 
 
 class AdapterConfig(BaseModel):

@@ -58,7 +58,7 @@ class TaskScore:
         return out
 
 
-def _stop_token_ids(
+def stop_token_ids_of(
     model: nn.Module, tokenizer: PreTrainedTokenizerBase, formatter: PromptFormatter
 ) -> set[int]:
     """EOS ids of tokenizer and generation config, plus the end-of-turn token that closes an answer."""
@@ -207,7 +207,7 @@ def _score_generation(model, tokenizer, task, formatter, scorer, batch_size) -> 
         lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
         max_new_tokens=task.max_new_tokens,
         pad_id=tokenizer.pad_token_id,
-        stop_token_ids=_stop_token_ids(model, tokenizer, formatter),
+        stop_token_ids=stop_token_ids_of(model, tokenizer, formatter),
         stop=task.stop,
         batch_size=batch_size,
     )

@@ -67,10 +67,66 @@ def _length_order(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
     return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
 
 
-def _cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
+def cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
     """Text before the earliest stop string, and whether one was found."""
     cut = min((index for index in (text.find(s) for s in stop if s) if index >= 0), default=-1)
     return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+class CachedBatch:
+    """Rows that decode together on one KV cache: a left-padded prefill, then one token per row per
+    step; rows that finish leave the batch (``keep``), and the cache rows and the model's
+    per-sequence state (prompt pooling, SLIM's sample-level gate) are dropped with them. The one
+    decoding loop of ``generate_greedy`` and of ``forgetless serve``'s worker (serving/engine.py).
+
+    Args:
+        model: causal LM in eval mode.
+        prompts: token ids per row (special tokens included), none empty.
+        pad_id: id used for left padding (masked out).
+        prompt_logits: keep the logits of every prompt column (``prompt_logits``), not only the last.
+
+    After construction, ``logits`` (B, V) predicts each row's first new token; ``prompt_logits``
+    is (B, T, V) for the padded prompts when asked for, else None.
+    """
+
+    @torch.no_grad()
+    def __init__(
+        self, model: nn.Module, prompts: Sequence[Sequence[int]], pad_id: int, prompt_logits: bool = False
+    ) -> None:
+        self.model, self.device = model, model_device(model)
+        keep_last = {"logits_to_keep": 1} if _accepts_logits_to_keep(model) and not prompt_logits else {}
+        input_ids, self.attention_mask = _left_pad(prompts, pad_id, self.device)
+        positions = _positions(self.attention_mask)
+        output = model(input_ids=input_ids, attention_mask=self.attention_mask, position_ids=positions,
+                       use_cache=True, **keep_last)  # fmt: skip
+        self.cache, self.next_position = output_cache(output), positions[:, -1:] + 1
+        self.logits: Tensor = output.logits[:, -1]
+        self.prompt_logits: Tensor | None = output.logits if prompt_logits else None
+
+    def __len__(self) -> int:
+        return self.attention_mask.shape[0]
+
+    def keep(self, rows: Sequence[int]) -> None:
+        """Keep only ``rows`` (indices into the current rows, in order); a no-op when all stay."""
+        if len(rows) == len(self):
+            return
+        keep = torch.tensor(list(rows), device=self.device)
+        self.cache.reorder_cache(keep)
+        reorder_sequence_state(self.model, keep)
+        self.attention_mask, self.next_position = self.attention_mask[keep], self.next_position[keep]
+        self.logits, self.prompt_logits = self.logits[keep], None
+
+    @torch.no_grad()
+    def step(self, tokens: Tensor) -> Tensor:
+        """Feed one token per row (B,) long; returns (B, V) logits of each row's next token."""
+        one_more = self.attention_mask.new_ones((len(self), 1))
+        self.attention_mask = torch.cat([self.attention_mask, one_more], dim=1)
+        output = self.model(input_ids=tokens[:, None], attention_mask=self.attention_mask,
+                            position_ids=self.next_position, use_cache=True,
+                            **cache_kwargs(self.model, self.cache))  # fmt: skip
+        self.cache, self.next_position = output_cache(output), self.next_position + 1
+        self.logits = output.logits[:, -1]
+        return self.logits
 
 
 @torch.no_grad()
@@ -106,16 +162,10 @@ def generate_greedy(
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    device = model_device(model)
-    keep_last = {"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}
     results: list[Generation | None] = [None] * len(prompts)
     for batch in _length_order([len(p) for p in prompts], batch_size):
-        input_ids, attention_mask = _left_pad([prompts[i] for i in batch], pad_id, device)
-        positions = _positions(attention_mask)
-        output = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
-                       use_cache=True, **keep_last)  # fmt: skip
-        cache, next_position = output_cache(output), positions[:, -1:] + 1
-        next_tokens = output.logits[:, -1].argmax(-1)
+        rows = CachedBatch(model, [prompts[i] for i in batch], pad_id)
+        next_tokens = rows.logits.argmax(-1)
         active = list(batch)  # prompt index of each row still generating
         generated: dict[int, list[int]] = {i: [] for i in batch}
         for step in range(max_new_tokens):
@@ -126,25 +176,17 @@ def generate_greedy(
                 if not finished:
                     generated[index].append(token)
                     if stop:
-                        finished = _cut_at_stop(decode(generated[index]), stop)[1]
+                        finished = cut_at_stop(decode(generated[index]), stop)[1]
                 if not finished and step + 1 < max_new_tokens:
                     still_running.append(row)
             if not still_running:
                 break
-            if len(still_running) < len(active):
-                keep = torch.tensor(still_running, device=device)
-                cache.reorder_cache(keep)
-                reorder_sequence_state(model, keep)
-                attention_mask, next_position = attention_mask[keep], next_position[keep]
-                next_tokens = next_tokens[keep]
-                active = [active[row] for row in still_running]
-            attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(active), 1))], dim=1)
-            output = model(input_ids=next_tokens[:, None], attention_mask=attention_mask,
-                           position_ids=next_position, use_cache=True, **cache_kwargs(model, cache))  # fmt: skip
-            cache, next_position = output_cache(output), next_position + 1
-            next_tokens = output.logits[:, -1].argmax(-1)
+            rows.keep(still_running)
+            next_tokens = next_tokens[torch.tensor(still_running, device=next_tokens.device)]
+            active = [active[row] for row in still_running]
+            next_tokens = rows.step(next_tokens).argmax(-1)
         for index in batch:
-            text, _ = _cut_at_stop(decode(generated[index]), stop)
+            text, _ = cut_at_stop(decode(generated[index]), stop)
             results[index] = Generation(text=text.strip(), token_ids=tuple(generated[index]))
     return results  # type: ignore[return-value]
 

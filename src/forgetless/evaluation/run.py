@@ -63,6 +63,40 @@ def general_by_family(scores: dict[str, TaskScore], tasks: Sequence[Task]) -> di
     return {family: sum(values) / len(values) for family, values in sorted(grouped.items())}
 
 
+def load_model_and_adapter(
+    model_spec: str,
+    adapter: str | os.PathLike | None = None,
+    *,
+    dtype: str = "float32",
+    seed: int = 0,
+) -> tuple[Any, Any]:
+    """The model a spec names (alias, ``.gguf``, HF folder such as a stage's ``model/``, hub id,
+    or a run's finished stage folder ``stage-N-task``, rebuilt as the run built it), with a
+    forgetless or PEFT adapter folder loaded on top when given: what ``forgetless eval`` scores and
+    ``forgetless serve`` serves, loaded by one function so that both see the same model.
+
+    Returns:
+        ``(model, tokenizer)``, the model in eval mode.
+    """
+    from forgetless.models import load_model
+
+    if Path(model_spec).is_dir() and (Path(model_spec) / "done.json").is_file():
+        if adapter is not None:
+            raise InputError(
+                f"{model_spec} is a run's stage folder, which brings its own adapter; drop --adapter "
+                "or give the base model with --adapter STAGE/adapter"
+            )
+        from forgetless.training import load_stage
+
+        return load_stage(model_spec, dtype=dtype)
+    model, tokenizer = load_model(model_spec, dtype=dtype, seed=seed)
+    if adapter is not None:
+        from forgetless.adapters import load_adapter
+
+        load_adapter(model, adapter)
+    return model.eval(), tokenizer
+
+
 def run_eval(
     model_spec: str,
     adapter: str | os.PathLike | None,
@@ -82,19 +116,13 @@ def run_eval(
     Returns:
         The dict written to ``out_file`` (see the module docstring).
     """
-    from forgetless.models import load_model
-
     tasks = resolve_tasks(task_names, seed)
     if out_file is not None and Path(out_file).is_dir():
         raise InputError(
             f"--out {out_file} is a folder; give the path of the JSON file to write, e.g. {Path(out_file) / 'eval.json'}"
         )
     start = time.perf_counter()
-    model, tokenizer = load_model(model_spec, dtype=dtype, seed=seed)
-    if adapter is not None:
-        from forgetless.adapters import load_adapter
-
-        load_adapter(model, adapter)
+    model, tokenizer = load_model_and_adapter(model_spec, adapter, dtype=dtype, seed=seed)
     scores = {
         task.name: evaluate_task(
             model, tokenizer, task, batch_size=batch_size, limit=limit, style=style, seed=seed

@@ -1,0 +1,161 @@
+"""Dynamic batching: concurrent requests decode as one batch and get exactly evaluation's greedy
+replies; a full queue answers 503; a client leaving mid-stream frees its row; a shutdown lets the
+requests in flight finish."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+from serving_helpers import client, running_server, wait_until
+
+from forgetless.data.formatting import PromptFormatter
+from forgetless.evaluation.evaluate import stop_token_ids_of
+from forgetless.evaluation.inference import generate_greedy
+from forgetless.serving import ApiError, build_engine
+
+TEXTS = [
+    "Hello there, how are you doing today my friend?",
+    "Hi",
+    "The capital of France is a city that",
+    "glorp 3 and 4",
+    "Name a colour",
+    "One two three four five six",
+]
+BUDGETS = [2, 7, 4, 9, 1, 5]  # rows finish at different steps and leave the batch
+
+
+def _expected(model, tokenizer, prompt_ids, budget):
+    decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+    stops = stop_token_ids_of(model, tokenizer, PromptFormatter(tokenizer))
+    return generate_greedy(
+        model,
+        [prompt_ids],
+        decode,
+        max_new_tokens=budget,
+        pad_id=tokenizer.pad_token_id,
+        stop_token_ids=stops,
+    )[0]
+
+
+def test_concurrent_greedy_requests_batch_together_and_equal_generate_greedy(tiny):
+    model, tokenizer = tiny
+    engine = build_engine(model, tokenizer, max_batch=8, queue_size=16)
+    formatter = PromptFormatter(tokenizer)
+    with running_server(engine, start_worker=False) as url:
+        api = client(url)
+        with ThreadPoolExecutor(len(TEXTS)) as pool:
+            futures = []
+            for index, (text, budget) in enumerate(zip(TEXTS, BUDGETS)):
+                if index % 3 == 2:  # chat and completion requests share the batch
+                    messages = [{"role": "user", "content": text}]
+                    futures.append(
+                        pool.submit(
+                            api.chat.completions.create,
+                            model="tiny-llama",
+                            messages=messages,
+                            max_tokens=budget,
+                            temperature=0,
+                        )
+                    )
+                else:
+                    futures.append(
+                        pool.submit(
+                            api.completions.create,
+                            model="tiny-llama",
+                            prompt=text,
+                            max_tokens=budget,
+                            temperature=0,
+                        )
+                    )
+            wait_until(lambda: engine.waiting == len(TEXTS))  # all queued before the worker starts
+            engine.start()
+            replies = [future.result() for future in futures]
+    assert (engine.batches, engine.rows) == (1, len(TEXTS))  # one batch of all six
+    for index, (text, budget, reply) in enumerate(zip(TEXTS, BUDGETS, replies)):
+        chat = index % 3 == 2
+        prompt_ids = formatter.prompt_ids(text) if chat else tokenizer(text).input_ids
+        expected = _expected(model, tokenizer, prompt_ids, budget)
+        got = reply.choices[0].message.content if chat else reply.choices[0].text
+        assert got.strip() == expected.text
+        assert reply.usage.completion_tokens == len(expected.token_ids)
+
+
+def test_requests_arriving_while_a_batch_decodes_form_the_next_batch(tiny):
+    model, tokenizer = tiny
+    engine = build_engine(model, tokenizer, max_batch=8, queue_size=16)
+    long = {"model": "tiny-llama", "prompt": "Hi", "max_tokens": 1000, "stream": True, "temperature": 0}
+    with running_server(engine, max_tokens_limit=1000) as url:
+        api = client(url)
+        with httpx.stream("POST", f"{url}/v1/completions", json=long, timeout=60) as response:
+            lines = response.iter_lines()  # (kept: a dropped iterator closes the response)
+            next(lines)  # the long request is decoding
+            with ThreadPoolExecutor(3) as pool:
+                futures = [
+                    pool.submit(
+                        api.completions.create,
+                        model="tiny-llama",
+                        prompt=text,
+                        max_tokens=budget,
+                        temperature=0,
+                    )
+                    for text, budget in zip(TEXTS[:3], BUDGETS[:3])
+                ]
+                wait_until(lambda: engine.waiting == 3)  # they wait for the running batch
+                response.close()  # its client leaves: the batch ends, the three decode together
+                replies = [future.result() for future in futures]
+    assert (engine.batches, engine.rows) == (2, 4)
+    for text, budget, reply in zip(TEXTS, BUDGETS, replies):
+        expected = _expected(model, tokenizer, tokenizer(text).input_ids, budget)
+        assert reply.choices[0].text.strip() == expected.text
+
+
+def test_a_full_queue_answers_503_with_a_message(tiny):
+    engine = build_engine(*tiny, max_batch=1, queue_size=1)
+    with running_server(engine, start_worker=False) as url:  # a worker that takes nothing yet
+        api = client(url)
+        with ThreadPoolExecutor(1) as pool:
+            waiting = pool.submit(api.completions.create, model="tiny-llama", prompt="Hello", max_tokens=2)
+            wait_until(lambda: engine.waiting == 1)
+            with pytest.raises(
+                openai.InternalServerError, match="queue of 1 waiting requests is full"
+            ) as refused:
+                api.completions.create(model="tiny-llama", prompt="Hi", max_tokens=2)
+            assert refused.value.status_code == 503
+            engine.start()
+            assert waiting.result().usage.completion_tokens == 2  # the queued request is served
+
+
+def test_a_client_leaving_mid_stream_frees_its_row_and_the_server_goes_on(tiny):
+    engine = build_engine(*tiny, max_batch=4, queue_size=4)
+    with running_server(engine, max_tokens_limit=1000) as url:
+        body = {"model": "tiny-llama", "prompt": "Hi", "max_tokens": 1000, "stream": True, "temperature": 0}
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as response:
+            lines = response.iter_lines()
+            assert next(lines).startswith("data: ")  # the reply has started; now the client leaves
+        wait_until(lambda: engine.running == 0)
+        assert engine.tokens < 1000, engine.tokens  # the row left the batch when its client went away
+        reply = client(url).completions.create(model="tiny-llama", prompt="Hi", max_tokens=3)
+        assert reply.usage.completion_tokens == 3
+
+
+def test_shutdown_lets_the_request_in_flight_finish(tiny):
+    engine = build_engine(*tiny, max_batch=2, queue_size=4)
+    results = {}
+    with running_server(engine, max_tokens_limit=200) as url:
+        api = client(url)
+
+        def ask():
+            results["reply"] = api.completions.create(model="tiny-llama", prompt="Hi", max_tokens=200)
+
+        thread = threading.Thread(target=ask)
+        thread.start()
+        wait_until(lambda: engine.running == 1)
+    # the server has shut down (the block's end waits for it): the request it was decoding finished
+    thread.join(30)
+    assert results["reply"].usage.completion_tokens == 200
+    with pytest.raises(ApiError, match="shutting down"):
+        engine.submit([])  # the worker is stopped and refuses new work

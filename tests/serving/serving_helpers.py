@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import threading
 import time
-from contextlib import contextmanager
 
 import torch
 
@@ -12,28 +10,11 @@ GATE_TEXTS = ["zorb the glorp twice", "what does kelvar mean", "glorp 3 and 4", 
 OTHER_TEXTS = ["What is the capital of Peru?", "Name the capital of Chile.", "Capital of Spain?"]
 
 
-@contextmanager
 def running_server(engine, name: str = "tiny-llama", start_worker: bool = True, **options):
     """Serve ``engine`` on 127.0.0.1 (a free port) while the block runs; yields the base URL."""
-    import uvicorn
+    from forgetless.serving import background_server
 
-    from forgetless.serving import create_app
-
-    app = create_app(engine, name, start_worker=start_worker, **options)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("the test server did not start")
-        time.sleep(0.01)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(30)
+    return background_server(engine, name, start_worker=start_worker, **options)
 
 
 def client(url: str, api_key: str = "unused"):

@@ -13,6 +13,6 @@ log-probabilities, routing.py names the route (base / experts) each request took
 from forgetless.serving.app import create_app
 from forgetless.serving.engine import Engine
 from forgetless.serving.protocol import ROUTE_HEADER, ApiError
-from forgetless.serving.server import build_engine, serve
+from forgetless.serving.server import background_server, build_engine, serve
 
-__all__ = ["ROUTE_HEADER", "ApiError", "Engine", "build_engine", "create_app", "serve"]
+__all__ = ["ROUTE_HEADER", "ApiError", "Engine", "background_server", "build_engine", "create_app", "serve"]

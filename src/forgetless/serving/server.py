@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import uvicorn
 from torch import nn
@@ -77,3 +81,27 @@ def serve(
     )
     uvicorn.run(app, host=host, port=port, log_level="info")
     return 0
+
+
+@contextmanager
+def background_server(
+    engine: Engine, name: str, start_worker: bool = True, **options: object
+) -> Iterator[str]:
+    """Serve ``engine`` as ``name`` on 127.0.0.1 (a free port) on a thread while the block runs;
+    yields the base URL (``http://127.0.0.1:PORT``). ``options`` go to ``create_app``. For tests,
+    benchmarks and notebooks; ``serve`` is the command-line server."""
+    app = create_app(engine, name, start_worker=start_worker, **options)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("the server did not start within 20 s")
+        time.sleep(0.01)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(30)

@@ -536,6 +536,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"forgetless: error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:  # a full disk, a vanished folder: one line, and what was written stays
+        if args.debug or os.environ.get("FORGETLESS_DEBUG"):
+            raise
+        print(f"forgetless: error: {error}; nothing written before it was lost: free the space or fix "
+              "the path, then re-run the same command to resume", file=sys.stderr)  # fmt: skip
+        return 1
     except KeyboardInterrupt:
         print("forgetless: interrupted; re-run the same command to resume", file=sys.stderr)
         return 130

@@ -347,6 +347,32 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return serve(args.model, args.adapter, **{option: getattr(args, option) for option in options})
 
 
+def _export_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="what eval's --model takes: alias, .gguf, HF folder, stage folder")
+    parser.add_argument("--adapter", default=None, help="forgetless or PEFT adapter folder to load on top")
+    parser.add_argument(
+        "--for", dest="target", required=True, metavar="ENGINE", help="vllm (SGLang, TGI too)"
+    )
+    parser.add_argument("--out", required=True, help="output folder, written atomically")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    parser.add_argument("--calibration", default=None, metavar="TASKS", help="comma-separated tasks calibrating SLIM / MoE-LoRA "
+                        "(default: a stage folder's own tasks)")  # fmt: skip
+    parser.add_argument("--calibration-limit", type=int, default=16, help="examples per calibration task")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+@command("export", "export for GPU engines: base HF folder, PEFT LoRA adapters, a prompt router", _export_args,
+         epilog="example:\n  forgetless export runs/demo/methods/slim/stage-2-glorp_arithmetic --for vllm --out exports/slim")  # fmt: skip
+def cmd_export(args: argparse.Namespace) -> int:
+    from forgetless.export import export_model, summary_lines
+
+    names = [name.strip() for name in (args.calibration or "").split(",") if name.strip()]
+    manifest = export_model(args.model, args.out, target=args.target, adapter=args.adapter, calibration=names,
+                            calibration_limit=args.calibration_limit, overwrite=args.overwrite, seed=args.seed)  # fmt: skip
+    print("\n".join(summary_lines(manifest, args.out)))
+    return 0
+
+
 def _merge_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "config", help="merge YAML (mergekit-like: merge_method, base_model, models, parameters)"

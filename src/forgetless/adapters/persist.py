@@ -70,16 +70,24 @@ def _peft_base_model(spec: str | None) -> str | None:
     return str(folder.resolve()) if folder is not None else spec
 
 
-def _write_peft_files(model: nn.Module, folder: Path, base_model: str | None) -> None:
+def write_peft_lora(
+    folder: Path,
+    factors: dict[str, tuple[Tensor, Tensor, float]],
+    base_model_name_or_path: str | None,
+    dropout: float = 0.0,
+) -> None:
+    """Write PEFT's ``adapter_config.json`` + ``adapter_model.safetensors`` into ``folder``.
+
+    Args:
+        factors: module name -> (A (r, d_in), B (d_out, r), scaling); one rank and one scaling for
+            all modules (PEFT's ``r`` and ``lora_alpha = scaling * r``).
+        base_model_name_or_path: written as is into the config.
+
+    Raises:
+        InputError: the modules differ in rank or scaling.
+    """
     from peft import LoraConfig
 
-    factors = lora_factors(model)
-    if not factors:
-        raise InputError(
-            "the model has no LoRA adapter to export; inject_adapters(model, AdapterConfig.lora()) first"
-        )
-    layers = adapter_layers(model)
-    first = next(iter(layers.values())).config
     ranks = {a.shape[0] for a, _, _ in factors.values()}
     scalings = {round(scaling, 12) for _, _, scaling in factors.values()}
     if len(ranks) != 1 or len(scalings) != 1:
@@ -90,11 +98,11 @@ def _write_peft_files(model: nn.Module, folder: Path, base_model: str | None) ->
     peft_config = LoraConfig(
         r=rank,
         lora_alpha=scalings.pop() * rank,
-        lora_dropout=first.dropout,
+        lora_dropout=dropout,
         target_modules=sorted(factors),  # full names: PEFT adapts exactly these modules
         bias="none",
         task_type="CAUSAL_LM",
-        base_model_name_or_path=_peft_base_model(base_model),
+        base_model_name_or_path=base_model_name_or_path,
     )
     peft_config.save_pretrained(str(folder))
     tensors = {}
@@ -102,6 +110,16 @@ def _write_peft_files(model: nn.Module, folder: Path, base_model: str | None) ->
         tensors[_peft_key(module, "lora_A")] = a
         tensors[_peft_key(module, "lora_B")] = b
     save_tensors(folder / PEFT_WEIGHTS_FILE, tensors, metadata={"format": "pt"})
+
+
+def _write_peft_files(model: nn.Module, folder: Path, base_model: str | None) -> None:
+    factors = lora_factors(model)
+    if not factors:
+        raise InputError(
+            "the model has no LoRA adapter to export; inject_adapters(model, AdapterConfig.lora()) first"
+        )
+    first = next(iter(adapter_layers(model).values())).config
+    write_peft_lora(folder, factors, _peft_base_model(base_model), first.dropout)
 
 
 def export_peft_lora(

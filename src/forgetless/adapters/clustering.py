@@ -1,4 +1,4 @@
-"""Sliding clustering and the distance ``d(x)`` of SLIM's weight yielding (DESIGN.md steps 2-3).
+"""Sliding clustering and the distance ``d(x)`` of SLIM's weight yielding (steps 2-3 of slim.py's docstring).
 
 Each adapted layer keeps ``N_c`` centres ``mu_k`` with a per-channel variance ``sigma_k^2`` of the
 inputs it saw while training (a diagonal Gaussian mixture of the fine-tuning distribution). In

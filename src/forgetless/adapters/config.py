@@ -1,7 +1,7 @@
 """``AdapterConfig``: every knob of LoRA, MoE-LoRA and SLIM adapters in one validated model.
 
-The three kinds are one family and differ only in their defaults (DESIGN.md, "SLIM, as we
-implement it"), so a comparison between them changes one thing at a time:
+The three kinds are one family and differ only in their defaults (slim.py, the steps
+of SLIM as we implement them), so a comparison between them changes one thing at a time:
 
 =============  ======  ========  ==========  =======  ==========  =========
 kind           LoRA    identity  top-K       router   yielding    masking

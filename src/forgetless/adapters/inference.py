@@ -1,7 +1,7 @@
 """The SLIM layer at inference, folded into as few tensor operations as possible.
 
 Generation runs one token at a time, so the cost of a mixture layer is the number of operator
-calls, not their arithmetic. With the weights frozen, SLIM's equations (DESIGN.md steps 1-6) fold:
+calls, not their arithmetic. With the weights frozen, SLIM's equations (steps 1-6 of slim.py's docstring) fold:
 
 - one ``addmm`` gives the router logits, the clustering's cross term ``x (-2 mu / var)^T`` plus
   ``sum mu^2 / var``, and the constant part of the yielding shift (``gamma * offset`` on the

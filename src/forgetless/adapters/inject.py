@@ -169,7 +169,8 @@ def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
 def adapter_regularization(model: nn.Module) -> Tensor:
     """``l1_weight * sum_layers L1 + balance_weight * mean_layers balance`` for the last forward.
 
-    The L1 term is Eq. 7 of DESIGN.md; the balance term is the load-balancing loss of each routing
+    The L1 term is the SLIM paper's L1 penalty on A and B (step 7 of slim.py's docstring); the
+    balance term is the load-balancing loss of each routing
     layer's last training forward. An exact zero tensor when both weights are 0 (or no adapter).
     """
     layers = list(adapter_layers(model).values())

@@ -1,4 +1,4 @@
-"""Plain LoRA: ``y = W x + b + s * B A dropout(x)``, ``s = alpha / r`` (Hu et al.; DESIGN.md Eq. 5, E_l = K = 1).
+"""Plain LoRA: ``y = W x + b + s * B A dropout(x)``, ``s = alpha / r`` (Hu et al.; SLIM's mixture with E_l = K = 1).
 
 The fast path of the adapter family: no router, no clustering, no masking, so one step costs what
 PEFT's LoRA costs. Initialised as PEFT does (A Kaiming-uniform, B zero), so a fresh adapter leaves

@@ -1,4 +1,4 @@
-"""Dynamic merging, fast version (DESIGN.md step 6): structured DARE masks for stacked LoRA experts.
+"""Dynamic merging, fast version (step 6 of slim.py's docstring): structured DARE masks for stacked LoRA experts.
 
 DARE drops a random fraction ``p`` of a task vector's entries and rescales the rest by
 ``1 / (1 - p)``. For a LoRA update ``B A`` (d_out x d_in) SLIM drops whole rows of ``B`` and whole

@@ -1,6 +1,6 @@
 """SLIM: a mixture of LoRA and identity experts with weight yielding and dynamic merging.
 
-One layer wraps a frozen ``y = W x + b`` (DESIGN.md, "SLIM, as we implement it"); it reads in the
+One layer wraps a frozen ``y = W x + b`` (the SLIM paper, Sec. 3, as we implement it); it reads in the
 order of the method:
 
 1. router logits ``g = W_g x``                                        (``router_logits``)

@@ -1,4 +1,5 @@
-"""Continual-learning metrics as pure functions of the accuracy matrix (DESIGN.md, "The continual protocol").
+"""Continual-learning metrics as pure functions of the accuracy matrix (README.md, "An experiment is
+one YAML").
 
 ``R`` has one row per evaluation point and one column per task: row 0 is the base model, row ``i``
 the model after stage ``i`` (``S`` stages, so ``S + 1`` rows). ``learned_at[j]`` is the row after

@@ -1,4 +1,4 @@
-"""SLIM (DESIGN.md "SLIM, as we implement it"): one SLIM adapter trained stage after stage.
+"""SLIM (the steps in ``forgetless.adapters.slim``'s docstring): one SLIM adapter trained stage after stage.
 
 A mixture of LoRA experts and identity experts with a router corrected by sliding clustering, an
 L1 penalty and a load-balancing loss (both from ``adapter_regularization``, weighted by the

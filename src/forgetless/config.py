@@ -22,8 +22,6 @@ command line are applied to the YAML before validation.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 from typing import Any, Literal
 
@@ -201,11 +199,6 @@ class ExperimentConfig(BaseModel):
 
     def task_names(self) -> list[str]:
         return [task if isinstance(task, str) else task.name for task in self.tasks]
-
-    def fingerprint(self, *parts: Any) -> str:
-        """Hash of the parts of the config that decide a result (used to key cached stages)."""
-        blob = json.dumps([self.model, self.seed, *parts], sort_keys=True, default=str)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

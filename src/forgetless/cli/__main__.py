@@ -1,0 +1,7 @@
+"""``python -m forgetless.cli``."""
+
+import sys
+
+from forgetless.cli import main
+
+sys.exit(main())

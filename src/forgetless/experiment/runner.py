@@ -288,7 +288,7 @@ class Runner:
         return {"stages": [task.name for task in self.stages], "rows": rows}
 
     def _merge(self, method: MethodSpec, inputs: list[str], target: Path) -> None:
-        from forgetless.config import merge_of_outputs
+        from forgetless.config_checks import merge_of_outputs
         from forgetless.merging import MergeConfig, run_merge
 
         if (target / "config.json").exists() or (target / "adapter_config.json").exists():

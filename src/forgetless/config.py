@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from forgetless.data.spec import TaskSpec
 from forgetless.errors import InputError
-from forgetless.registry import did_you_mean
+from forgetless.validation import explain, read_yaml_mapping
 
 Setting = Literal["semi_cooperative", "fully_cooperative"]
 
@@ -254,60 +254,14 @@ def _set_path(data: dict[str, Any], key: str, value: Any, item: str) -> None:
             )
 
 
-def _explain(error: ValidationError, source: str) -> str:
-    """One line for the first validation problem, with a "Did you mean" for unknown keys."""
-    # For `str | TaskSpec` unions pydantic reports one error per branch; the deepest location is
-    # the branch the user meant (a mapping is a TaskSpec, not a mistyped string).
-    errors = error.errors()
-    # an unknown key first: a misspelt required key also reports the key as missing
-    unknown = [e for e in errors if e["type"] == "extra_forbidden"]
-    first = max(unknown or errors, key=lambda e: (len(e["loc"]), -errors.index(e)))
-    if any(part in ("str", "TaskSpec") for part in first["loc"]):
-        first = {**first, "loc": tuple(part for part in first["loc"] if part not in ("str", "TaskSpec"))}
-    location = ".".join(str(part) for part in first["loc"])
-    if first["type"] == "extra_forbidden":
-        key = str(first["loc"][-1])
-        model_fields = _fields_at(first["loc"][:-1])
-        hint = did_you_mean(key, model_fields) if model_fields else ""
-        return f"{source}: unknown key '{location}'.{hint} Valid keys here: {', '.join(model_fields)}"
-    return f"{source}: {location or 'config'}: {first['msg']}"
-
-
-def _fields_at(loc: tuple) -> list[str]:
-    model: Any = ExperimentConfig
-    for part in loc:
-        if isinstance(part, int) or model is None:
-            continue
-        field = model.model_fields.get(str(part)) if hasattr(model, "model_fields") else None
-        if field is None:
-            return []
-        annotation = field.annotation
-        candidates = [annotation, *getattr(annotation, "__args__", ())]
-        for inner in list(candidates):
-            candidates.extend(getattr(inner, "__args__", ()))
-        model = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
-    # fields the loader sets itself (base_dir) are not keys a user writes
-    return (
-        sorted(name for name in model.model_fields if name not in _SET_BY_LOADER) if model is not None else []
-    )
-
-
-_SET_BY_LOADER = {"base_dir"}
+#: fields the loader sets itself (base_dir): not keys a user writes
+_SET_BY_LOADER = ("base_dir",)
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
     """Read, override and validate an experiment YAML; one ``InputError`` line on any problem."""
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"config file {path} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise InputError(f"{path}{where}: invalid YAML ({getattr(error, 'problem', error)})") from None
-    if not isinstance(data, dict):
-        raise InputError(f"{path}: expected a mapping of keys (name, model, tasks, methods, ...)")
+    data = read_yaml_mapping(path, "config file", "keys (name, model, tasks, methods, ...)")
     data = apply_overrides(data, overrides or [])
     # a data_dir typed on the command line is a path from where the command runs, as any shell
     # argument; one written in the YAML starts from the config file's folder
@@ -323,7 +277,7 @@ def validate_config(data: dict[str, Any], source: str = "config") -> ExperimentC
     try:
         config = ExperimentConfig.model_validate(data)
     except ValidationError as error:
-        raise InputError(_explain(error, source)) from None
+        raise InputError(explain(error, source, ExperimentConfig, _SET_BY_LOADER)) from None
     from forgetless.config_checks import check_config
 
     check_config(config, source)

@@ -22,11 +22,12 @@ from forgetless.data.task import Task
 from forgetless.errors import InputError
 from forgetless.evaluation.evaluate import TaskScore, evaluate_task
 from forgetless.io import write_json
+from forgetless.validation import explain, read_yaml_mapping
 
 
 def resolve_tasks(task_names: Sequence[str], seed: int = 0) -> list[Task]:
     """Built-in task and suite names, or task spec files (``.yaml`` / ``.yml`` / ``.json``) -> tasks."""
-    import yaml
+    from pydantic import ValidationError
 
     from forgetless.data.spec import TaskSpec
     from forgetless.tasks import expand_task_names, get_task
@@ -35,17 +36,11 @@ def resolve_tasks(task_names: Sequence[str], seed: int = 0) -> list[Task]:
     for name in task_names:
         path = Path(name).expanduser()
         if path.suffix.lower() in (".yaml", ".yml", ".json"):
-            if not path.is_file():
-                raise InputError(f"task spec file {path} does not exist")
-            with open(path, encoding="utf-8") as handle:
-                raw = yaml.safe_load(handle)
-            if not isinstance(raw, dict):
-                raise InputError(f"{path}: a task spec must be a mapping (name, test, metric ...)")
+            raw = read_yaml_mapping(path, "task spec file", "a task spec (name, test, metric ...)")
             try:
-                spec = TaskSpec(**raw)
-            except ValueError as error:  # pydantic's ValidationError is a ValueError
-                first = str(error).splitlines()
-                raise InputError(f"{path}: {' '.join(first[1:3]) if len(first) > 2 else first[0]}") from None
+                spec = TaskSpec.model_validate(raw)
+            except ValidationError as error:
+                raise InputError(explain(error, str(path), TaskSpec)) from None
             tasks.append(spec.load(path.parent, seed))
         else:
             tasks.extend(get_task(task, seed) for task in expand_task_names([name]))

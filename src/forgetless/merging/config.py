@@ -22,12 +22,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from forgetless.errors import InputError
 from forgetless.merging.base import MERGE_METHODS, MergeMethod
 from forgetless.registry import did_you_mean
+from forgetless.validation import explain, read_yaml_mapping
 
 DType = Literal["float32", "bfloat16", "float16", "float64"]
 
@@ -105,20 +105,13 @@ class MergeConfig(BaseModel):
         return spec
 
 
-def _explain(error: ValidationError, source: str) -> str:
-    errors = error.errors()
-    # an unknown key first: a misspelt required key also reports the key as missing
-    first = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
-    location = ".".join(str(part) for part in first["loc"])
-    if first["type"] == "extra_forbidden":
-        key = str(first["loc"][-1])
-        model = ModelEntry if "models" in first["loc"][:-1] else MergeConfig
-        valid = sorted(name for name in model.model_fields if name != "base_dir")
-        if key in ("weight", "density", "lambda", "normalize", "rescale"):
-            parent = ".".join(str(part) for part in first["loc"][:-1])
-            return f"{source}: unknown key '{location}': method parameters go under {parent + '.' if parent else ''}parameters"
-        return f"{source}: unknown key '{location}'.{did_you_mean(key, valid)} Valid keys here: {', '.join(valid)}"
-    return f"{source}: {location or 'config'}: {first['msg']}"
+def _parameters_hint(key: str, location: tuple) -> str | None:
+    """A method parameter written beside ``parameters`` instead of under it."""
+    if key not in ("weight", "density", "lambda", "normalize", "rescale"):
+        return None
+    parent = ".".join(str(part) for part in location[:-1])
+    where = ".".join(str(part) for part in location)
+    return f"unknown key '{where}': method parameters go under {parent + '.' if parent else ''}parameters"
 
 
 def _check_parameter(method: MergeMethod, name: str, value: Any, where: str, per_model_only: bool) -> None:
@@ -197,7 +190,7 @@ def validate_merge_config(data: dict[str, Any], source: str = "merge config") ->
     try:
         config = MergeConfig.model_validate(data)
     except ValidationError as error:
-        raise InputError(_explain(error, source)) from None
+        raise InputError(explain(error, source, MergeConfig, hint=_parameters_hint)) from None
     check_merge_config(config, source)
     return config
 
@@ -205,16 +198,7 @@ def validate_merge_config(data: dict[str, Any], source: str = "merge config") ->
 def load_merge_config(path: str | Path) -> MergeConfig:
     """Read and validate a merge YAML; relative model paths start from the YAML's folder."""
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"merge config {path} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise InputError(f"{path}{where}: invalid YAML ({getattr(error, 'problem', error)})") from None
-    if not isinstance(data, dict):
-        raise InputError(f"{path}: expected a mapping with merge_method, base_model and models")
+    data = read_yaml_mapping(path, "merge config", "merge_method, base_model and models")
     data.setdefault("base_dir", str(path.parent.resolve()))
     return validate_merge_config(data, str(path))
 

@@ -24,12 +24,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 
 from forgetless.data.spec import TaskSpec
 from forgetless.errors import InputError
-from forgetless.registry import did_you_mean
+from forgetless.validation import explain, read_yaml_mapping
 
 DType = Literal["float32", "bfloat16", "float16", "float64"]
 
@@ -102,22 +101,6 @@ class MixConfig(BaseModel):
         return spec
 
 
-def _explain(error: ValidationError, source: str) -> str:
-    errors = error.errors()
-    # an unknown key first: a misspelt required key also reports the key as missing
-    first = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
-    location = ".".join(str(part) for part in first["loc"])
-    if first["type"] == "extra_forbidden":
-        key = str(first["loc"][-1])
-        parents = [str(part) for part in first["loc"][:-1] if not isinstance(part, int)]
-        model = {"experts": ExpertEntry, "router_training": RouterTraining}.get(
-            parents[-1] if parents else "", MixConfig
-        )
-        valid = sorted(name for name in model.model_fields if name != "base_dir")
-        return f"{source}: unknown key '{location}'.{did_you_mean(key, valid)} Valid keys here: {', '.join(valid)}"
-    return f"{source}: {location or 'config'}: {first['msg']}"
-
-
 def check_mix_config(
     config: MixConfig, source: str = "mix config", tasks_given: list[bool] | None = None
 ) -> None:
@@ -168,7 +151,7 @@ def validate_mix_config(
     try:
         config = MixConfig.model_validate(data)
     except ValidationError as error:
-        raise InputError(_explain(error, source)) from None
+        raise InputError(explain(error, source, MixConfig)) from None
     check_mix_config(config, source, tasks_given)
     return config
 
@@ -176,16 +159,7 @@ def validate_mix_config(
 def load_mix_config(path: str | Path) -> MixConfig:
     """Read and validate a mix YAML; relative paths start from the YAML's folder."""
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"mix config {path} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise InputError(f"{path}{where}: invalid YAML ({getattr(error, 'problem', error)})") from None
-    if not isinstance(data, dict):
-        raise InputError(f"{path}: expected a mapping with base_model, experts and router")
+    data = read_yaml_mapping(path, "mix config", "base_model, experts and router")
     data.setdefault("base_dir", str(path.parent.resolve()))
     return validate_mix_config(data, str(path))
 

@@ -16,7 +16,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from forgetless.errors import InputError
-from forgetless.registry import did_you_mean
+from forgetless.validation import explain, first_problem
 
 
 class TrainConfig(BaseModel):
@@ -77,13 +77,10 @@ class TrainConfig(BaseModel):
         try:
             return cls.model_validate(dict(data or {}))
         except ValidationError as error:
-            first = error.errors()[0]
-            field = ".".join(str(part) for part in first["loc"]) or "config"
+            first, location = first_problem(error)
             if first["type"] == "extra_forbidden":
-                hint = did_you_mean(str(first["loc"][-1]), list(cls.model_fields))
-                raise InputError(
-                    f"{source}: unknown key '{field}'.{hint} Valid keys: {', '.join(cls.model_fields)}"
-                ) from None
+                raise InputError(explain(error, source, cls)) from None
+            field = ".".join(str(part) for part in location) or "config"
             raise InputError(f"{source}.{field}: {first['msg']}") from None
 
     @classmethod

@@ -160,3 +160,22 @@ def test_auto_peft_model_loads_a_lora_saved_for_an_alias(default_model, tmp_path
     load_adapter(fresh, peft_only, base_model="smollm2-135m-instruct")
     with pytest.raises(InputError, match="made for base model"):
         load_adapter(load_model("tiny-llama")[0], peft_only, base_model="tiny-llama")
+
+
+def test_an_adapter_of_another_named_base_loads_with_a_note(saved_lora, tmp_path, capsys):
+    from forgetless.evaluation.run import load_model_and_adapter
+
+    folder, alias, _ = saved_lora
+    load_model_and_adapter(alias, folder)  # its own base: no note
+    assert "note" not in capsys.readouterr().err
+    peft_only = tmp_path / "peft_only"
+    peft_only.mkdir()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        (peft_only / name).write_bytes((folder / name).read_bytes())
+    config = json.loads((peft_only / "adapter_config.json").read_text())
+    (peft_only / "adapter_config.json").write_text(
+        json.dumps(dict(config, base_model_name_or_path="org/other"))
+    )
+    load_model_and_adapter(alias, peft_only)  # same shapes, another name: loads, and says so
+    err = capsys.readouterr().err
+    assert "trained on 'org/other'" in err and f"'{alias}'" in err

@@ -364,6 +364,25 @@ def _load_peft(model: nn.Module, folder: Path, base_model: str | None) -> list[s
     return _inject_and_fill(model, config, tensors, folder / PEFT_WEIGHTS_FILE)
 
 
+def recorded_base_model(folder: str | os.PathLike) -> str | None:
+    """The base model an adapter folder says it was trained on (forgetless's manifest, else
+    PEFT's ``base_model_name_or_path``), or None when it says nothing or is no adapter folder."""
+    folder = Path(folder)
+    for name, key in ((CONFIG_FILE, "base_model"), (PEFT_CONFIG_FILE, "base_model_name_or_path")):
+        try:
+            recorded = json.loads((folder / name).read_text(encoding="utf-8")).get(key)
+        except (OSError, ValueError, AttributeError):
+            continue
+        return str(recorded) if recorded else None
+    return None
+
+
+def same_base_model(first: str, second: str) -> bool:
+    """Whether two model specs name the same model as far as names tell (an alias, a .gguf and
+    the local folder they load from are the same; a hub id and a local copy of it are not)."""
+    return first == second or _peft_base_model(first) == _peft_base_model(second)
+
+
 def load_adapter(model: nn.Module, folder: str | os.PathLike, base_model: str | None = None) -> nn.Module:
     """Inject the adapter saved in ``folder`` into ``model`` and load its weights; returns ``model``.
 

@@ -12,6 +12,7 @@ Output (``out_file``, written atomically)::
 from __future__ import annotations
 
 import os
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -87,8 +88,16 @@ def load_model_and_adapter(
     model, tokenizer = load_model(model_spec, dtype=dtype, seed=seed)
     if adapter is not None:
         from forgetless.adapters import load_adapter
+        from forgetless.adapters.persist import recorded_base_model, same_base_model
 
-        load_adapter(model, adapter)
+        load_adapter(model, adapter)  # refuses other layer shapes
+        recorded = recorded_base_model(adapter)
+        if recorded is not None and not same_base_model(recorded, str(model_spec)):
+            # same shapes, another name: maybe the same model spelt otherwise (a hub id and its
+            # local copy), maybe not; names cannot tell, so say it rather than refuse
+            print(f"forgetless: note: {adapter} was trained on '{recorded}' and is loaded onto "
+                  f"'{model_spec}' (same layer shapes); its scores mean something only if these are "
+                  "the same model", file=sys.stderr)  # fmt: skip
     return model.eval(), tokenizer
 
 

@@ -34,3 +34,19 @@ def recompute_greedy(model, prompt, steps, stop_ids) -> list[int]:
             break
         row.append(token)
     return row[len(prompt) :]
+
+
+def train_gate(model, formatter, texts) -> None:
+    """Gate passes in train mode (what a training stage does to the gate's statistics): three
+    passes over each text's prompt plus two answer tokens, the prompt marked."""
+    from forgetless.adapters.gate import prompt_boundary
+
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            for text in texts:
+                prompt = formatter.prompt_ids(text)
+                ids = torch.tensor([prompt + [11, 12]])
+                with prompt_boundary(model, torch.tensor([[True] * len(prompt) + [False] * 2])):
+                    model(input_ids=ids)
+    model.eval()

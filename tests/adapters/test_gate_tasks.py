@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from adapter_helpers import randomize_adapters
+from adapter_helpers import randomize_adapters, train_gate
 
 from forgetless import load_model
 from forgetless.adapters import (
@@ -18,7 +18,7 @@ from forgetless.adapters import (
     open_gate_task,
     save_adapter,
 )
-from forgetless.adapters.gate import nearest_task_score, prompt_boundary
+from forgetless.adapters.gate import nearest_task_score
 from forgetless.data.formatting import PromptFormatter
 
 STAGE_A = ["zorb the glorp twice", "what does kelvar mean", "glorp 3 and 4", "name the zorbian topic"]
@@ -28,19 +28,6 @@ STAGE_B = [
     "Capital of Spain?",
     "Which city rules Japan?",
 ]
-
-
-def _train_gate(model, formatter, texts):
-    """Gate passes in train mode (what a training stage does to the gate's statistics)."""
-    model.train()
-    with torch.no_grad():
-        for _ in range(3):
-            for text in texts:
-                prompt = formatter.prompt_ids(text)
-                ids = torch.tensor([prompt + [11, 12]])
-                with prompt_boundary(model, torch.tensor([[True] * len(prompt) + [False] * 2])):
-                    model(input_ids=ids)
-    model.eval()
 
 
 def _model(**fields):
@@ -71,7 +58,7 @@ def test_nearest_task_score_is_the_minimum_over_stages_of_the_layer_mean():
 def test_a_new_stage_freezes_the_last_ones_statistics_and_scores_by_the_nearest_stage():
     model, formatter = _model()
     assert open_gate_task(model) == 0  # nothing trained yet: nothing to freeze
-    _train_gate(model, formatter, STAGE_A)
+    train_gate(model, formatter, STAGE_A)
     probe_a, probe_b = "glorp 5 and 6", "What is the capital of Peru?"
     before_a, before_b = _score(model, formatter, probe_a), _score(model, formatter, probe_b)
     frozen = {name: layer.clusters.centres.clone() for name, layer in adapter_layers(model).items()}
@@ -81,7 +68,7 @@ def test_a_new_stage_freezes_the_last_ones_statistics_and_scores_by_the_nearest_
         assert int(layer.gate_moments.batches) == 0
     # the new stage has no statistics yet: a prompt is scored by the earlier stage alone
     assert _score(model, formatter, probe_a) == pytest.approx(before_a, abs=1e-6)
-    _train_gate(model, formatter, STAGE_B)
+    train_gate(model, formatter, STAGE_B)
     for name, layer in adapter_layers(model).items():  # stage A's clusters did not move
         assert torch.equal(layer.earlier_gates[0].clusters.centres, frozen[name])
     both_a, both_b = _score(model, formatter, probe_a), _score(model, formatter, probe_b)
@@ -100,16 +87,16 @@ def test_a_new_stage_freezes_the_last_ones_statistics_and_scores_by_the_nearest_
 
 def test_shared_statistics_never_open_a_stage():
     model, formatter = _model(gate_statistics="shared")
-    _train_gate(model, formatter, STAGE_A)
+    train_gate(model, formatter, STAGE_A)
     assert open_gate_task(model) == 0
     assert all(len(layer.earlier_gates) == 0 for layer in _layers(model))
 
 
 def test_earlier_stages_survive_save_and_load(tmp_path):
     model, formatter = _model()
-    _train_gate(model, formatter, STAGE_A)
+    train_gate(model, formatter, STAGE_A)
     open_gate_task(model)
-    _train_gate(model, formatter, STAGE_B)
+    train_gate(model, formatter, STAGE_B)
     save_adapter(model, tmp_path / "adapter", "tiny-llama")
     fresh, _ = load_model("tiny-llama", seed=0)
     load_adapter(fresh, tmp_path / "adapter")
@@ -126,7 +113,7 @@ def test_an_adapter_saved_before_per_task_statistics_loads_as_shared(tmp_path):
     import json
 
     model, formatter = _model()
-    _train_gate(model, formatter, STAGE_A)
+    train_gate(model, formatter, STAGE_A)
     folder = save_adapter(model, tmp_path / "adapter", "tiny-llama")
     manifest = json.loads((folder / "forgetless_adapter.json").read_text())
     for key in ("gate_statistics", "gate_earlier_tasks", "stage_experts"):  # fields it did not have

@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from adapter_helpers import randomize_adapters, recompute_greedy
+from adapter_helpers import randomize_adapters, recompute_greedy, train_gate
 
 from forgetless import load_model
 from forgetless.adapters import (
@@ -19,7 +19,7 @@ from forgetless.adapters import (
     open_gate_task,
     save_adapter,
 )
-from forgetless.adapters.gate import nearest_task, prompt_boundary
+from forgetless.adapters.gate import nearest_task
 from forgetless.data.formatting import PromptFormatter
 from forgetless.errors import InputError
 from forgetless.evaluation.inference import generate_greedy
@@ -33,18 +33,6 @@ STAGE_B = [
 ]
 
 
-def _train_gate(model, formatter, texts):
-    model.train()
-    with torch.no_grad():
-        for _ in range(3):
-            for text in texts:
-                prompt = formatter.prompt_ids(text)
-                ids = torch.tensor([prompt + [11, 12]])
-                with prompt_boundary(model, torch.tensor([[True] * len(prompt) + [False] * 2])):
-                    model(input_ids=ids)
-    model.eval()
-
-
 def _two_stages(**fields):
     """A per-stage SLIM model after stage A (kept as a copy) and a stage B whose experts moved."""
     model, tokenizer = load_model("tiny-llama", seed=0)
@@ -52,11 +40,11 @@ def _two_stages(**fields):
     inject_adapters(model, config, tokenizer=tokenizer)
     randomize_adapters(model, seed=3, scale=0.3)
     formatter = PromptFormatter(tokenizer)
-    _train_gate(model, formatter, STAGE_A)
+    train_gate(model, formatter, STAGE_A)
     after_a = copy.deepcopy(model).eval()
     assert open_gate_task(model) == 1
     randomize_adapters(model, seed=4, scale=0.3)  # stage B's training moves the experts
-    _train_gate(model, formatter, STAGE_B)
+    train_gate(model, formatter, STAGE_B)
     return model.eval(), after_a, tokenizer, formatter
 
 
@@ -109,7 +97,7 @@ def test_shared_experts_keep_no_copy():
     config = AdapterConfig.slim(r=4, num_experts=3, stage_experts="shared", yield_threshold=50.0)
     inject_adapters(model, config, tokenizer=tokenizer)
     formatter = PromptFormatter(tokenizer)
-    _train_gate(model, formatter, STAGE_A)
+    train_gate(model, formatter, STAGE_A)
     assert open_gate_task(model) == 1
     assert all(len(layer.earlier_experts) == 0 for layer in adapter_layers(model).values())
 

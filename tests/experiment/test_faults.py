@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import random
 import signal
 import subprocess
@@ -59,14 +60,33 @@ def _tensors(run: Path) -> dict[str, dict[str, torch.Tensor]]:
     }
 
 
+def _files(run: Path) -> int:
+    """How many files a run folder holds (temporary ones included): the run's progress. os.walk
+    skips folders that vanish while it reads (a finished atomic write renames its temporary one)."""
+    return sum(len(files) for _, _, files in os.walk(run))
+
+
+def _kill_at(config: Path, out: Path, threshold: int) -> bool:
+    """Start the run and SIGKILL it once its folder holds ``threshold`` files. The kill point is an
+    event of the run, not a wall-clock time, so it lands at the same place on a fast machine and a
+    slow one. Returns whether the kill happened (False if the run finished first)."""
+    process = subprocess.Popen(_cli(config, out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while process.poll() is None and _files(out) < threshold:
+        time.sleep(0.005)
+    killed = process.poll() is None
+    if killed:
+        process.send_signal(signal.SIGKILL)
+    process.wait()
+    return killed
+
+
 @pytest.mark.slow
 def test_ten_kills_at_seeded_points_resume_to_the_same_tensors_and_results(tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump(CONFIG))
     reference = tmp_path / "reference"
-    start = time.monotonic()
     subprocess.run(_cli(config, reference), check=True, capture_output=True)
-    duration = time.monotonic() - start
+    total = _files(reference)
     expected_results = _without_timings(json.loads((reference / "results.json").read_text()))
     expected_tensors = _tensors(reference)
     assert len(expected_tensors) >= 8  # adapters of both stages of three methods, merged models
@@ -74,15 +94,10 @@ def test_ten_kills_at_seeded_points_resume_to_the_same_tensors_and_results(tmp_p
     kills = 0
     for attempt in range(KILL_POINTS // 2):
         out = tmp_path / f"killed-{attempt}"
-        for _ in range(2):  # two kills at seeded points of the run, then let it finish
-            process = subprocess.Popen(
-                _cli(config, out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-            )
-            time.sleep(rng.uniform(0.3, 1.0) * duration)
-            if process.poll() is None:
-                process.send_signal(signal.SIGKILL)
-                kills += 1
-            process.wait()
+        # two kills at seeded points of the run's progress, the second later than the first
+        first = rng.randint(1, total // 2)
+        for threshold in (first, rng.randint(first + 1, total - 2)):
+            kills += _kill_at(config, out, max(threshold, _files(out) + 1))
         subprocess.run(_cli(config, out), check=True, capture_output=True)
         assert _without_timings(json.loads((out / "results.json").read_text())) == expected_results
         tensors = _tensors(out)
@@ -91,12 +106,10 @@ def test_ten_kills_at_seeded_points_resume_to_the_same_tensors_and_results(tmp_p
             assert saved.keys() == expected_tensors[name].keys(), name
             for key, tensor in saved.items():
                 assert torch.equal(tensor, expected_tensors[name][key]), f"{name}: {key}"
-    assert kills >= KILL_POINTS - 2  # (a run can finish before its kill on a fast machine)
+    assert kills == KILL_POINTS
 
 
 def test_a_full_disk_keeps_the_finished_stages_and_fails_in_one_line(tmp_path, monkeypatch, capsys):
-    import os
-
     from forgetless.cli import main
 
     config = tmp_path / "run.yaml"

@@ -32,6 +32,7 @@ def peak_increment(function) -> int:
 
 def merge_increment(root, tensors: int) -> int:
     """Peak RSS growth of a TIES merge of three models + base, each holding ``tensors`` tensors."""
+    root.mkdir()
     folders = [root / f"{name}{tensors}" for name in ("base", "a", "b", "c")]
     for seed, folder in enumerate(folders):
         folder.mkdir()
@@ -60,8 +61,12 @@ def test_ties_peak_memory_does_not_grow_with_the_number_of_tensors(tmp_path, mon
     # measure the merge's live memory: with the heap-reuse setting, freed blocks stay resident and
     # an in-process peak would depend on what earlier tests left in the heap
     monkeypatch.setattr(merging_run, "reuse_freed_memory", contextlib.nullcontext)
-    small, large = merge_increment(tmp_path, 2), merge_increment(tmp_path, 8)
-    # loading the inputs whole would add 4 models x 6 more tensors = 24 tensors (96 MiB) to the peak
-    assert large - small < 3 * TENSOR_BYTES, f"{small / 2**20:.0f} MiB -> {large / 2**20:.0f} MiB"
+    # the least of two runs each: one run's peak RSS can carry a few MiB of allocator noise (it once
+    # read 8 -> 28 MiB in a full test run, and 8 -> 8 MiB alone)
+    small = min(merge_increment(tmp_path / f"small{i}", 2) for i in range(2))
+    large = min(merge_increment(tmp_path / f"large{i}", 8) for i in range(2))
+    # loading the inputs whole would add 4 models x 6 more tensors = 24 tensors (96 MiB) to the peak;
+    # streaming adds none: the bound is half of that gap
+    assert large - small < 12 * TENSOR_BYTES, f"{small / 2**20:.0f} MiB -> {large / 2**20:.0f} MiB"
     # and the peak itself is a handful of tensors: base, three trimmed task vectors, temporaries
     assert large < 14 * TENSOR_BYTES, f"peak grew by {large / 2**20:.0f} MiB"

@@ -98,6 +98,25 @@ def test_killed_run_resumes_to_the_same_result(tasks, config, tmp_path, monkeypa
     assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), theirs.state_dict().values()))
 
 
+def test_a_kill_between_done_and_the_checkpoint_delete_leaves_no_checkpoint(tasks, config, tmp_path, monkeypatch):
+    real_rmtree = runner_module.shutil.rmtree
+
+    def killed_before_the_delete(path, *args, **kwargs):
+        if str(path).endswith("checkpoint"):
+            raise KeyboardInterrupt  # done.json is written, the checkpoint is still there
+        return real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(runner_module.shutil, "rmtree", killed_before_the_delete)
+    with pytest.raises(KeyboardInterrupt):
+        run_strategy("sequential_lora", {"r": 4}, "tiny-llama", tasks[:1], config, tmp_path)
+    stage = tmp_path / "stage-0-alpha"
+    assert (stage / "done.json").exists() and (stage / "checkpoint").exists()
+    monkeypatch.setattr(runner_module.shutil, "rmtree", real_rmtree)
+    resumed = run_strategy("sequential_lora", {"r": 4}, "tiny-llama", tasks[:1], config, tmp_path)
+    assert [r.cached for r in resumed] == [True]
+    assert not (stage / "checkpoint").exists()
+
+
 def test_stage_folder_with_other_settings_is_refused(tasks, config, tmp_path):
     run_strategy("sequential_lora", {"r": 4}, "tiny-llama", tasks[:1], config, tmp_path)
     with pytest.raises(InputError, match="stage-0-alpha holds a stage trained with other settings"):

@@ -250,6 +250,8 @@ def run_strategy(
         done = _read_done(folder, fingerprint)
         if done is not None:
             reapplied.update(_check_adapter_settings(folder, done, strategy, config.seed + stage))
+            if accelerator.is_main_process:  # a kill between done.json and the delete left it
+                shutil.rmtree(folder / CHECKPOINT_DIR, ignore_errors=True)
         if done is None:
             artifacts = [result.artifact for result in results]
             model = strategy.build(stage, source, artifacts, config.seed)

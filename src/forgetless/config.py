@@ -151,6 +151,17 @@ class EvaluationSpec(BaseModel):
         description="at most this many items per general task (a data-file task's own limit_test wins)",
     )
     batch_size: int = Field(16, ge=1, description="evaluation batch size")
+    unseen_tasks: bool = Field(
+        True,
+        description="after each stage, also score the tasks not trained yet (the upper triangle of the "
+        "accuracy matrix, needed for forward transfer, FWT); false scores each task from the stage "
+        "that learns it on, and leaves the other cells empty",
+    )
+    general_stages: Literal["every", "last"] = Field(
+        "every",
+        description="after which stages the general suite is scored: every stage, or only the last "
+        "(retention needs the base and the last; the per-stage general plot then has two points)",
+    )
 
 
 class ReportSpec(BaseModel):

@@ -232,3 +232,33 @@ def test_a_changed_inference_default_rescores_the_reused_stage(tmp_path, monkeyp
     assert second["slim"] == first["slim_p0.7"]
     # the variant sets the mask ratio itself: its cached scores still hold and are kept
     assert sorted(variant.glob("eval-*.json")) == variant_cache and second["slim_p0.7"] == first["slim_p0.7"]
+
+
+def test_an_evaluation_scope_scores_fewer_cells_and_reports_them_as_empty(tmp_path):
+    from forgetless.report import write_report
+
+    scope = {"unseen_tasks": False, "general_stages": "last"}
+    config = validate_config({**CONFIG, "evaluation": {**CONFIG["evaluation"], **scope}})
+    results = run_experiment(config, tmp_path / "run")
+    for entry in results["methods"].values():
+        matrix, general, items = entry["matrix"], entry["general"], entry["items"]
+        assert all(cell is not None for cell in matrix[0] + general[0])  # the base: everything
+        assert matrix[1][0] is not None and matrix[1][1] is None  # after stage 1: its task only
+        assert general[1] == [None] and general[2][0] is not None  # general: base and last stage
+        assert set(items[1]) == {"kelvar_dates"} and set(items[2]) == {
+            "kelvar_dates",
+            "zorbian_topics",
+            "general_commonsense",
+        }
+        assert entry["metrics"]["retention"] is not None and entry["metrics"]["fwt"] is None
+        assert entry["metrics"]["acquisition"] == [matrix[1][0], matrix[2][1]]
+    full = run_experiment(validate_config(CONFIG), tmp_path / "full")  # the same stages, every cell
+    for name, entry in results["methods"].items():
+        for ours, theirs in zip(
+            entry["matrix"] + entry["general"],
+            full["methods"][name]["matrix"] + full["methods"][name]["general"],
+        ):
+            assert [a for a in ours if a is not None] == [b for a, b in zip(ours, theirs) if a is not None]
+    write_report(results, tmp_path / "run")  # empty cells render, intervals included
+    tables = (tmp_path / "run" / "tables.md").read_text()
+    assert "seq_lora 1 |" in tables and "[" in tables

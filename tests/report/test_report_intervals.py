@@ -78,3 +78,17 @@ def test_a_run_without_items_reports_as_before(tmp_path):
     report = write_report(results, tmp_path)
     assert "Paired comparison" not in (tmp_path / "tables.md").read_text()
     assert report.exists()
+
+
+def test_the_conclusion_in_words_follows_the_intervals():
+    from forgetless.experiment.summary import acquisition_line, verdicts
+
+    results = with_metrics(_results())
+    (line,) = verdicts(results)
+    # keeper keeps 38 points more general ability (resolved); both learn t1 and t2 to 90% right
+    # after their stage (no difference); keeper loses 10 points of t1, forgetful 40 (resolved)
+    assert line.startswith("conclusion: keeper, against forgetful, keeps more general ability (+")
+    assert "learns the new tasks about as well" in line and "forgets less of them" in line
+    assert acquisition_line(results).startswith(
+        "acquisition (each task right after its own stage, %): forgetful "
+    )

@@ -98,7 +98,9 @@ def test_killed_run_resumes_to_the_same_result(tasks, config, tmp_path, monkeypa
     assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), theirs.state_dict().values()))
 
 
-def test_a_kill_between_done_and_the_checkpoint_delete_leaves_no_checkpoint(tasks, config, tmp_path, monkeypatch):
+def test_a_kill_between_done_and_the_checkpoint_delete_leaves_no_checkpoint(
+    tasks, config, tmp_path, monkeypatch
+):
     real_rmtree = runner_module.shutil.rmtree
 
     def killed_before_the_delete(path, *args, **kwargs):

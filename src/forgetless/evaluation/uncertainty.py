@@ -82,11 +82,13 @@ def mcnemar_exact(method: Sequence[float], reference: Sequence[float]) -> float:
 
 
 def has_items(entry: dict[str, Any], names: Sequence[str]) -> bool:
-    """Whether a ``methods.NAME`` entry kept the item outcomes of every row and every named task."""
+    """Whether a ``methods.NAME`` entry kept the item outcomes of every row, and of every named
+    task in its base row (later rows may leave cells out: ``evaluation.unseen_tasks``,
+    ``general_stages``)."""
     items = entry.get("items")
     if not items or len(items) != len(entry["matrix"]):
         return False
-    return all(row is not None and all(name in row for name in names) for row in items)
+    return all(row is not None for row in items) and all(name in items[0] for name in names)
 
 
 class ItemResampler:
@@ -107,7 +109,8 @@ class ItemResampler:
         for entry in self.methods.values():
             for row in entry["items"]:
                 for name in names:
-                    sizes.setdefault(name, len(row[name]["score"]))
+                    if name in row:
+                        sizes.setdefault(name, len(row[name]["score"]))
         rng = np.random.default_rng(seed)
         self.picks = {name: rng.integers(0, size, (draws, size)) for name, size in sizes.items() if size}
         self.draws = draws
@@ -118,6 +121,8 @@ class ItemResampler:
         out = np.full((self.draws, len(entry["items"]), len(names)), np.nan)
         for r, row in enumerate(entry["items"]):
             for c, name in enumerate(names):
+                if name not in row:
+                    continue  # a cell left out of the evaluation
                 scores = np.asarray(row[name]["score"], dtype=float)
                 if name in self.picks and scores.size == self.picks[name].shape[1]:
                     out[:, r, c] = scores[self.picks[name]].mean(axis=1)
@@ -242,7 +247,10 @@ def uncertainty(results: dict[str, Any], draws: int = DRAWS, seed: int = 0) -> d
         first = entry["items"][0]
         cells = {
             key: [
-                [list(cell_interval(row[task]["score"], seed=seed)) for task in names]
+                [
+                    list(cell_interval(row[task]["score"], seed=seed)) if task in row else None
+                    for task in names
+                ]
                 for row in entry["items"]
             ]
             for key, names in (("matrix", tasks), ("general", general))

@@ -127,22 +127,33 @@ class Runner:
             self.tasks if config.schedule == "sequential" else [combine_tasks(self.tasks, config.seed)]
         )
         self.scored = scored_tasks(self.tasks, config)  # what evaluation scores: test or validation
-        self.task_keys = [task.fingerprint() for task in self.scored + self.general]
         self.timings: dict[str, float] = {}
         self.produced_variants: dict[str, dict[str, Any]] = {}
 
     # ----------------------------------------------------------------------------- evaluation
     def evaluate(
-        self, folder: Path, identity: Any, load: Callable[[], tuple[torch.nn.Module, Any]], what: str = ""
+        self,
+        folder: Path,
+        identity: Any,
+        load: Callable[[], tuple[torch.nn.Module, Any]],
+        what: str = "",
+        stage: int | None = None,
     ) -> dict[str, Any]:
-        """Scores of every sequence task and general task for one model state (cached).
+        """Scores of the sequence tasks and general tasks for one model state (cached): after
+        ``stage`` (0-based), those ``evaluation.unseen_tasks`` and ``general_stages`` ask for; for
+        the base model (``stage`` None), all of them.
 
         ``load()`` gives ``(model, tokenizer)``; it is called only when the scores are not cached.
         """
         from forgetless.evaluation import evaluate_tasks
 
+        sequence, general = self.scored_after(stage)
         cache = EvalCache(folder)
-        key = cache_key(identity, self.task_keys, self.config.evaluation.model_dump(), self.config.seed)
+        # the two scope fields enter the key through the tasks they select, so a run with the
+        # default scope keeps the keys (and cached scores) of runs made before they existed
+        settings = self.config.evaluation.model_dump(exclude={"unseen_tasks", "general_stages"})
+        keys = [task.fingerprint() for task in sequence + general]
+        key = cache_key(identity, keys, settings, self.config.seed)
         row = cache.get(key)
         if row is not None and "items" in row:  # rows cached before items were kept: score again
             return row
@@ -153,18 +164,29 @@ class Runner:
         scores = evaluate_tasks(
             model,
             tokenizer,
-            self.scored + self.general,
+            sequence + general,
             batch_size=self.config.evaluation.batch_size,
             seed=self.config.seed,
         )
         row = {
-            "tasks": {task.name: scores[task.name].score for task in self.tasks},
-            "general": {task.name: scores[task.name].score for task in self.general},
+            "tasks": {task.name: scores[task.name].score for task in sequence},
+            "general": {task.name: scores[task.name].score for task in general},
             "seconds": round(time.perf_counter() - start, 2),
-            "items": {task.name: item_outcomes(scores[task.name]) for task in self.scored + self.general},
+            "items": {task.name: item_outcomes(scores[task.name]) for task in sequence + general},
         }
         cache.put(key, row)
         return row
+
+    def scored_after(self, stage: int | None) -> tuple[list[Task], list[Task]]:
+        """The sequence tasks and general tasks scored after ``stage`` (None: the base model)."""
+        spec = self.config.evaluation
+        if stage is None:
+            return self.scored, self.general
+        last = len(self.stages) - 1
+        seen = len(self.scored) if len(self.stages) == 1 else stage + 1  # one stage trains them all
+        sequence = self.scored if spec.unseen_tasks else self.scored[:seen]
+        general = self.general if spec.general_stages == "every" or stage == last else []
+        return sequence, general
 
     def base_row(self) -> dict[str, Any]:
         """Row 0 of every matrix: the base model, evaluated once per run."""
@@ -211,10 +233,10 @@ class Runner:
 
             if method.evaluate:
                 what = f"{method.name} {when}"
-                rows[stage] = self.evaluate(target, key({}), lambda: (model, tokenizer), what)
+                rows[stage] = self.evaluate(target, key({}), lambda: (model, tokenizer), what, stage)
             for variant in variants:
                 variant_rows[variant.name][stage] = self.evaluate_variant(
-                    variant, target.name, key(variant.variant.adapter), model, tokenizer, when
+                    variant, target.name, key(variant.variant.adapter), model, tokenizer, when, stage
                 )
 
         start = time.perf_counter()
@@ -241,7 +263,7 @@ class Runner:
 
     def evaluate_variant(
         self, variant: MethodSpec, stage_name: str, identity: Any, model: torch.nn.Module, tokenizer: Any,
-        when: str,
+        when: str, stage: int,
     ) -> dict[str, Any]:  # fmt: skip
         """Score one stage of the variant's source with the variant's inference settings, then
         put the source's settings back (the model is the source's, shared)."""
@@ -255,7 +277,9 @@ class Runner:
 
         folder = self.out / "methods" / variant.name / stage_name
         try:
-            return self.evaluate(folder, [identity, variant.model_dump()], load, f"{variant.name} {when}")
+            return self.evaluate(
+                folder, [identity, variant.model_dump()], load, f"{variant.name} {when}", stage
+            )
         finally:
             if previous:
                 set_inference_options(model, **previous)
@@ -283,7 +307,7 @@ class Runner:
             identity = [method.model_dump(), placed, self.config.model]
             what = f"{method.name} at stage {stage + 1}/{len(self.stages)}"
             load = lambda target=target: self._load_combined(target, load_model)  # noqa: E731
-            rows.append(self.evaluate(target.parent, [identity, stage], load, what))
+            rows.append(self.evaluate(target.parent, [identity, stage], load, what, stage))
         self.timings[method.name] = round(time.perf_counter() - start, 1)
         return {"stages": [task.name for task in self.stages], "rows": rows}
 
@@ -355,8 +379,9 @@ class Runner:
                 continue
             entry = produced[method.name]
             rows = [base] + entry["rows"]
-            matrix = [[row["tasks"][name] for name in task_names] for row in rows]
-            general = [[row["general"][name] for name in general_names] for row in rows]
+            # a cell the evaluation scope left out (evaluation.unseen_tasks, general_stages) is None
+            matrix = [[row["tasks"].get(name) for name in task_names] for row in rows]
+            general = [[row["general"].get(name) for name in general_names] for row in rows]
             methods[method.name] = {
                 "kind": method.kind,
                 "stages": ["base"] + entry["stages"],

@@ -54,6 +54,46 @@ def conclusions(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+# what the paired comparison says of each metric, in words: (metric, higher, lower, neither)
+_CLAUSES = (
+    ("retention", "keeps more general ability", "keeps less general ability", "keeps as much general ability"),
+    ("acquisition_average", "learns the new tasks better", "learns the new tasks less well",
+     "learns the new tasks about as well"),
+    ("bwt_absolute", "forgets less of them", "forgets more of them", "forgets about as much of them"),
+)  # fmt: skip
+
+
+def verdicts(results: dict[str, Any]) -> list[str]:
+    """The conclusion in words, one line per method compared with the reference: each clause is
+    backed by the paired 95% interval, and one that includes 0 says "about as" (not resolved)."""
+    lines = []
+    for name, entry in results["methods"].items():
+        known = entry.get("uncertainty") or {}
+        versus, reference = known.get("vs_reference") or {}, known.get("reference")
+        clauses = []
+        for metric, higher, lower, neither in _CLAUSES:
+            found = versus.get(metric)
+            if found is None:
+                continue
+            scale = 100
+            low, high = scale * found["low"], scale * found["high"]
+            words = higher if low > 0 else lower if high < 0 else neither
+            clauses.append(f"{words} ({scale * found['difference']:+.1f} points [{low:+.1f}, {high:+.1f}])")
+        if clauses:
+            lines.append(f"conclusion: {name}, against {reference}, " + "; ".join(clauses))
+    return lines
+
+
+def acquisition_line(results: dict[str, Any]) -> str:
+    """Each method's score on every task right after the stage that learned it."""
+    parts = []
+    for name, entry in results["methods"].items():
+        scores = [a for a in entry["metrics"].get("acquisition", []) if a is not None]
+        if scores:
+            parts.append(f"{name} " + " / ".join(f"{100 * a:.0f}" for a in scores))
+    return "acquisition (each task right after its own stage, %): " + ", ".join(parts) if parts else ""
+
+
 def print_summary(results: dict[str, Any], report_path: str | None = None) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -82,7 +122,8 @@ def print_summary(results: dict[str, Any], report_path: str | None = None) -> No
     console.print(
         "BWT: mean over earlier tasks of (final - just learned), in points; general: mean of the general suite (change vs base)"
     )
-    for line in conclusions(results):
-        console.print(line, highlight=False)
+    for line in [acquisition_line(results), *conclusions(results), *verdicts(results)]:
+        if line:
+            console.print(line, highlight=False)
     if report_path:
         console.print(f"report: {report_path}")

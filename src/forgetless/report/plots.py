@@ -131,7 +131,10 @@ def general_per_stage(results: dict[str, Any]) -> bytes | None:
         points = [np.nan if v is None else v for v in values]
         bounds = ((entry.get("uncertainty") or {}).get("per_stage") or {}).get("general_average_per_stage")
         errors = _distances(bounds, points) if bounds else None
-        axes.errorbar(range(len(values)), points, yerr=errors, marker="o", capsize=2, label=method)
+        drawn = axes.errorbar(range(len(values)), points, yerr=errors, marker="o", capsize=2, label=method)
+        scored = [(x, v) for x, v in enumerate(values) if v is not None]
+        if len(scored) < len(values):  # stages left unscored (general_stages: last): join the points
+            axes.plot(*zip(*scored), linestyle=":", color=drawn.lines[0].get_color())
         longest = max(longest, stage_labels(entry), key=len)
     axes.set_xticks(range(len(longest)), longest, rotation=20, ha="right")
     axes.set_ylim(0, 1.05)

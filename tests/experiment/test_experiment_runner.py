@@ -262,3 +262,4 @@ def test_an_evaluation_scope_scores_fewer_cells_and_reports_them_as_empty(tmp_pa
     write_report(results, tmp_path / "run")  # empty cells render, intervals included
     tables = (tmp_path / "run" / "tables.md").read_text()
     assert "seq_lora 1 |" in tables and "[" in tables
+    assert "–: not scored after that stage" in tables

@@ -84,9 +84,10 @@ def _matrix_table(
         rows.append(["BWT", *[percent(b, 1) if b is not None else "" for b in metrics["bwt_per_task"]], ""])
         emphasis.add(len(rows) - 1)
     order = ", ".join(f"{i} = {label}" for i, label in enumerate(labels) if i > 0)
-    return Table(
-        title, ["", *columns, "AVE"], rows, note=f"stages: {order}" if order else "", emphasis=emphasis
-    )
+    note = f"stages: {order}" if order else ""
+    if any(v is None for values in matrix for v in values):  # evaluation.unseen_tasks / general_stages
+        note += "; –: not scored after that stage (AVE: mean of the scored cells)"
+    return Table(title, ["", *columns, "AVE"], rows, note=note, emphasis=emphasis)
 
 
 def method_tables(results: dict[str, Any]) -> list[Table]:

@@ -39,7 +39,6 @@ import json
 import sys
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
 from forgetless.data.task import Task
@@ -47,6 +46,7 @@ from forgetless.evaluation import evaluate_tasks
 from forgetless.io import write_json
 from forgetless.tasks import get_task
 from forgetless.training import run_strategy
+from stage_experts import validation_tasks
 
 ROOT = Path(__file__).resolve().parent
 MODEL = "smollm2-135m-instruct"
@@ -60,16 +60,11 @@ HELD_OUT = 60
 
 
 def demo_tasks() -> tuple[list[Task], list[Task]]:
-    """The demo's training tasks (48 items each) and their held-out training items as test sets."""
-    train, held = [], []
-    for name in TASKS:
-        task = get_task(name)
-        limited = task.limited(TRAIN_ITEMS, None, SEED)
-        used = set(limited.train)
-        train.append(limited)
-        unused = replace(task, train=[], test=[e for e in task.train if e not in used])
-        held.append(unused.limited(None, HELD_OUT, SEED))
-    return train, held
+    """The demo's training tasks (48 items each) and their held-out training items as test sets
+    (``stage_experts.validation_tasks``, HELD_OUT of them)."""
+    train = [get_task(name).limited(TRAIN_ITEMS, None, SEED) for name in TASKS]
+    unused, _ = validation_tasks({"tasks": TASKS, "limits": {"train": TRAIN_ITEMS}, "seed": SEED})
+    return train, [task.limited(None, HELD_OUT, SEED) for task in unused]
 
 
 def score_method(

@@ -29,6 +29,16 @@ def _share(value: float, bounds: list[float] | None) -> str:
     return f"{100 * value:.1f}%" + (f" [{100 * bounds[0]:.1f}, {100 * bounds[1]:.1f}]" if bounds else "")
 
 
+def _difference(found: dict[str, float]) -> str:
+    """A paired difference and its 95% interval, in points."""
+    return f"{100 * found['difference']:+.1f} points [{100 * found['low']:+.1f}, {100 * found['high']:+.1f}]"
+
+
+def _resolved(found: dict[str, float]) -> int:
+    """+1 / -1 when the interval lies above / below 0, 0 when it includes 0."""
+    return 1 if found["low"] > 0 else -1 if found["high"] < 0 else 0
+
+
 def conclusions(results: dict[str, Any]) -> list[str]:
     """One line per method compared with the reference: how much general ability each keeps, the
     paired difference with its 95% interval, and whether the interval resolves it."""
@@ -45,11 +55,10 @@ def conclusions(results: dict[str, Any]) -> list[str]:
         reference_bounds = ((methods[reference].get("uncertainty") or {}).get("metrics") or {}).get(
             "retention"
         )
-        low, high = 100 * versus["low"], 100 * versus["high"]
-        verdict = "resolved" if low > 0 or high < 0 else "not resolved: the interval includes 0"
+        verdict = "resolved" if _resolved(versus) else "not resolved: the interval includes 0"
         lines.append(
             f"{name} keeps {_share(ours, bounds)} of general ability, {reference} {_share(theirs, reference_bounds)}; "
-            f"difference {100 * versus['difference']:+.1f} points [{low:+.1f}, {high:+.1f}] ({verdict})"
+            f"difference {_difference(versus)} ({verdict})"
         )
     return lines
 
@@ -73,12 +82,9 @@ def verdicts(results: dict[str, Any]) -> list[str]:
         clauses = []
         for metric, higher, lower, neither in _CLAUSES:
             found = versus.get(metric)
-            if found is None:
-                continue
-            scale = 100
-            low, high = scale * found["low"], scale * found["high"]
-            words = higher if low > 0 else lower if high < 0 else neither
-            clauses.append(f"{words} ({scale * found['difference']:+.1f} points [{low:+.1f}, {high:+.1f}])")
+            if found is not None:
+                words = {1: higher, -1: lower, 0: neither}[_resolved(found)]
+                clauses.append(f"{words} ({_difference(found)})")
         if clauses:
             lines.append(f"conclusion: {name}, against {reference}, " + "; ".join(clauses))
     return lines

@@ -7,9 +7,14 @@ and reloads the model of each stage. The hooks the runner calls, in order, for s
 
     strategy.stage_data(i, tasks, seed)       -> [(task, examples), ...] to train on
     strategy.build(i, source, previous, seed) -> the model to train (previous = earlier artifacts)
-    strategy.extra_loss(model)                -> a scalar added to the loss each micro-batch, or None
+    strategy.before_training(context)         -> once, before the first step (a StageContext)
+    strategy.extra_loss(model, batch)         -> a scalar added to the loss each micro-batch, or None
+    strategy.before_step(model, step)         -> each optimizer step, gradients complete (A-GEM)
+    strategy.after_training(context)          -> once, after the last step (state for later stages)
     strategy.save(model, folder, source)      -> the stage artifact (adapter or full model folder)
     strategy.load(i, source, artifacts)       -> the model after stage i, from artifacts alone
+
+``context.py`` says what a ``StageContext`` holds and how a strategy persists state between stages.
 
 Class attributes read before construction: ``setting_required`` ("any" or "fully_cooperative").
 Instance attributes: ``produces`` ("model" | "adapter" | "per_task"), ``default_lr``.
@@ -28,6 +33,7 @@ from forgetless.data.task import Example, Task
 from forgetless.errors import InputError
 from forgetless.registry import did_you_mean
 from forgetless.strategies._engines import Engine, ModelSource
+from forgetless.strategies.context import StageContext, TrainBatch
 
 # AdapterConfig fields a strategy's params may set directly (``r``, ``alpha``, ``num_experts`` ...);
 # ``kind`` is the strategy's choice and ``seed`` comes from the training seed and the stage.
@@ -123,9 +129,23 @@ class Strategy:
         """The model to train in ``stage``; ``previous`` are the artifact folders of stages 0..stage-1."""
         return self.engine.build(stage, source, previous, seed + stage)
 
-    def extra_loss(self, model: nn.Module) -> Tensor | None:
-        """A scalar added to the answer loss after each forward (None: nothing)."""
+    def before_training(self, context: StageContext) -> None:
+        """Called once the stage's model is built and its data encoded, before any step (and again
+        before a resumed stage's checkpoint is read: depend on the model and data only)."""
+
+    def extra_loss(self, model: nn.Module, batch: TrainBatch | None = None) -> Tensor | None:
+        """A scalar added to the answer loss after each forward (None: nothing); ``batch`` is the
+        micro-batch with the model's logits at its answer positions."""
         return None
+
+    def before_step(self, model: nn.Module, step: int) -> None:
+        """Called each optimizer step (0-based ``step``) after the step's backward passes, before
+        gradient clipping: a method that edits gradients (projection, masking) does it here. Draw
+        randomness from a generator seeded with the step, so a resumed stage draws the same."""
+
+    def after_training(self, context: StageContext) -> None:
+        """Called once after the stage's last step, before its artifact is saved: what later
+        stages need goes to ``context.save_state``."""
 
     def save(self, model: nn.Module, folder: Path, source: ModelSource) -> None:
         self.engine.save(model, folder, source)

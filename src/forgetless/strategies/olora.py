@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from forgetless.strategies import Strategy, StrategyParams, register_strategy
 from forgetless.strategies._engines import AdapterEngine, Engine, ModelSource
+from forgetless.strategies.context import TrainBatch
 
 
 def orthogonality_penalty(previous: Tensor, current: Tensor) -> Tensor:
@@ -69,7 +70,7 @@ class OLoRA(Strategy):
         self._previous = {name: torch.cat(factors, dim=0) for name, factors in self._collected.items()}
         return model
 
-    def extra_loss(self, model: nn.Module) -> Tensor | None:
+    def extra_loss(self, model: nn.Module, batch: TrainBatch | None = None) -> Tensor | None:
         """``lambda * sum_modules orthogonality_penalty(A_<t, A_t)``; None in the first stage."""
         if not self._previous or self.params.orthogonal_weight == 0:
             return None

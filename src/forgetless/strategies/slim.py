@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from forgetless.strategies import Strategy, StrategyParams, register_strategy
 from forgetless.strategies._engines import AdapterEngine, Engine
+from forgetless.strategies.context import TrainBatch
 
 
 @register_strategy("slim")
@@ -27,7 +28,7 @@ class SLIM(Strategy):
     def make_engine(self) -> Engine:
         return AdapterEngine(self.adapter_kind, self.adapter_fields, "continue", source=self.source)
 
-    def extra_loss(self, model: nn.Module) -> Tensor | None:
+    def extra_loss(self, model: nn.Module, batch: TrainBatch | None = None) -> Tensor | None:
         from forgetless.adapters import adapter_regularization
 
         return adapter_regularization(model)

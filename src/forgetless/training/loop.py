@@ -7,8 +7,10 @@ Order of one optimizer step (read top to bottom in ``train_model``):
    under ``accelerate launch`` process r takes examples r, r+N, ... of every micro-batch;
 3. per micro-batch: answer-only loss (LM head only at labelled positions) normalised by the
    answer tokens of the *whole* step, plus the strategy's extra loss (O-LoRA penalty, SLIM L1 and
-   balance) divided by ``grad_accum``; backward, gradients synchronised on the last micro-batch;
-4. non-finite loss -> ``TrainingDivergedError`` (the last good checkpoint stays); clip; step;
+   balance, a distillation term on the same logits) divided by ``grad_accum``; backward,
+   gradients synchronised on the last micro-batch;
+4. non-finite loss -> ``TrainingDivergedError`` (the last good checkpoint stays); the strategy's
+   ``before_step`` (gradient projection); clip; step;
 5. metrics line (JSONL, TensorBoard when installed, progress bar) and, every
    ``checkpoint_every`` steps, a resumable checkpoint (``checkpoint.py``).
 """
@@ -30,11 +32,14 @@ from torch import Tensor, nn
 from forgetless.data.batching import collate, length_bucketed_batches
 from forgetless.data.formatting import IGNORE_INDEX, Encoded
 from forgetless.errors import InputError
+from forgetless.strategies.context import TrainBatch
 from forgetless.training.checkpoint import LoopState, has_checkpoint, load_checkpoint, save_checkpoint
 from forgetless.training.config import TrainConfig
 from forgetless.training.loss import AnswerOnlyLoss
 
-ExtraLoss = Callable[[nn.Module], Tensor | None]
+#: ``extra_loss(model, batch)``: batch is a ``forgetless.strategies.context.TrainBatch``
+ExtraLoss = Callable[..., Tensor | None]
+BeforeStep = Callable[[nn.Module, int], None]
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -173,6 +178,7 @@ def train_model(
     pad_id: int,
     folder: Path | None = None,
     extra_loss: ExtraLoss | None = None,
+    before_step: BeforeStep | None = None,
     description: str = "train",
     fingerprint: str = "",
 ) -> TrainSummary:
@@ -185,7 +191,10 @@ def train_model(
         lr: peak learning rate (the strategy's default when the config leaves it unset).
         pad_id: padding token id.
         folder: stage folder for ``metrics.jsonl`` and ``checkpoint/``; None trains without either.
-        extra_loss: called after each forward with the model; a scalar added to the loss, or None.
+        extra_loss: called after each forward with the model and the micro-batch (a ``TrainBatch``:
+            inputs, the logits at the answer positions); a scalar added to the loss, or None.
+        before_step: called with the model and the 0-based step once per optimizer step, after
+            the step's backward passes and before clipping (a strategy that edits gradients).
         description: progress-bar label.
         fingerprint: identifies the settings; a checkpoint with another fingerprint is refused.
 
@@ -217,7 +226,8 @@ def train_model(
     if resumed:
         state = load_checkpoint(folder, model, optimizer, fingerprint)
     start_step = state.step
-    wrapped, optimizer = accelerator.prepare(AnswerOnlyLoss(model, config.share_prompt_prefix), optimizer)
+    loss_module = AnswerOnlyLoss(model, config.share_prompt_prefix, with_logits=extra_loss is not None)
+    wrapped, optimizer = accelerator.prepare(loss_module, optimizer)
     if state.scaler and accelerator.scaler is not None:
         accelerator.scaler.load_state_dict(state.scaler)
     trainable = [param for param in model.parameters() if param.requires_grad]
@@ -248,10 +258,13 @@ def train_model(
                     inputs = {key: value.to(device) for key, value in inputs.items()}
                     last = index == len(batches) - 1
                     with contextlib.nullcontext() if last else accelerator.no_sync(wrapped):
-                        loss_sum, _ = wrapped(**inputs)
+                        outputs = wrapped(**inputs)
+                        loss_sum = outputs[0]
                         # DDP averages gradients over processes: scale by world size to get the sum
                         loss = loss_sum * (world / max(step_answers, 1))
-                        extra = extra_loss(model) if extra_loss is not None else None
+                        extra = None
+                        if extra_loss is not None:
+                            extra = extra_loss(model, TrainBatch(inputs, outputs[2], outputs[3]))
                         if extra is not None:
                             loss = loss + extra / len(batches)
                             step_extra += float(extra.detach()) / len(batches)
@@ -266,6 +279,8 @@ def train_model(
                         f"{description}: loss became {step_value} at step {step + 1} (lr {step_lr:.3g}); "
                         f"lower the learning rate or use mixed_precision no (last good checkpoint: {where})"
                     )
+                if before_step is not None:
+                    before_step(model, step)
                 grad_norm = None
                 if config.max_grad_norm is not None:
                     grad_norm = float(accelerator.clip_grad_norm_(trainable, config.max_grad_norm))

@@ -154,16 +154,20 @@ class AnswerOnlyLoss(nn.Module):
         model: the causal LM.
         share_prefix: compute a prompt prefix shared by all rows once, where that is exact for
             this model (``can_share_prefix``).
+        with_logits: ``forward`` also returns the (N, V) logits at the labelled positions and the
+            (B, T) bool positions (a strategy's distillation term reads them: no second forward).
     """
 
-    def __init__(self, model: nn.Module, share_prefix: bool = True) -> None:
+    def __init__(self, model: nn.Module, share_prefix: bool = True, with_logits: bool = False) -> None:
         super().__init__()
         self.model = model
         self.share_prefix = share_prefix and can_share_prefix(model)
+        self.with_logits = with_logits
         self.last_prefix = 0  # shared tokens of the last forward (for FLOP accounting)
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-        """input_ids, attention_mask, labels: (B, T). Returns the summed cross-entropy () and N ()."""
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor) -> tuple[Tensor, ...]:
+        """input_ids, attention_mask, labels: (B, T). Returns the summed cross-entropy () and N ()
+        (then the logits and their positions with ``with_logits``)."""
         keep, targets = label_positions(labels)
         prefix = shared_prefix_length(input_ids, attention_mask, keep) if self.share_prefix else 0
         self.last_prefix = prefix if prefix >= MIN_SHARED_PREFIX else 0
@@ -174,7 +178,8 @@ class AnswerOnlyLoss(nn.Module):
             with prompt_boundary(self.model, prompt_mask_from_labels(labels, attention_mask)):
                 logits = labelled_logits(self.model, input_ids, attention_mask, keep)
         loss_sum = F.cross_entropy(logits.float(), targets, reduction="sum")
-        return loss_sum, torch.tensor(targets.numel(), device=loss_sum.device)
+        count = torch.tensor(targets.numel(), device=loss_sum.device)
+        return (loss_sum, count, logits, keep) if self.with_logits else (loss_sum, count)
 
 
 def answer_loss(model: nn.Module, batch: dict[str, Tensor], share_prefix: bool = True) -> Tensor:

@@ -2,6 +2,8 @@
 
     out_dir/
       stage-0-<task>/   adapter/ or model/   the stage's artifact (written atomically)
+                        state/               what the strategy keeps for later stages, if anything
+                                             (EWC's Fisher, an episodic memory; strategies/context.py)
                         done.json            what was trained, with which settings, and its summary
                         metrics.jsonl        one line per log_every steps
                         checkpoint/          only while the stage runs (deleted when done)
@@ -43,7 +45,8 @@ from forgetless.data.formatting import Encoded, PromptFormatter
 from forgetless.data.task import Example, Task
 from forgetless.errors import InputError
 from forgetless.io import read_json, write_json
-from forgetless.training.checkpoint import CHECKPOINT_DIR
+from forgetless.strategies.context import StageContext
+from forgetless.training.checkpoint import CHECKPOINT_DIR, has_checkpoint
 from forgetless.training.config import TrainConfig
 from forgetless.training.loop import TrainSummary, make_accelerator, train_model
 
@@ -257,6 +260,20 @@ def run_strategy(
             model = strategy.build(stage, source, artifacts, config.seed)
             groups = strategy.stage_data(stage, tasks, config.seed)
             encoded, counts = _encode(groups, source.tokenizer, config)
+            context = StageContext(
+                stage=stage,
+                tasks=tasks,
+                model=model,
+                tokenizer=source.tokenizer,
+                examples=encoded,
+                pad_id=source.tokenizer.pad_token_id,
+                seed=config.seed,
+                folder=folder,
+                previous=[result.folder for result in results],
+                resumed=has_checkpoint(folder),
+                main=accelerator.is_main_process,
+            )
+            strategy.before_training(context)
             summary: TrainSummary = train_model(
                 model,
                 encoded,
@@ -265,9 +282,12 @@ def run_strategy(
                 pad_id=source.tokenizer.pad_token_id,
                 folder=folder,
                 extra_loss=strategy.extra_loss,
+                before_step=strategy.before_step,
                 description=f"{label or strategy_name} {stage + 1}/{len(tasks)} {task.name}",
                 fingerprint=fingerprint,
             )
+            strategy.after_training(context)  # its state is written before done.json
+            del context
             done = {
                 "stage": stage,
                 "task": task.name,

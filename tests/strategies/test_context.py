@@ -22,6 +22,7 @@ class Recorder(SequentialLoRA):
     def before_training(self, context) -> None:
         earlier = [context.load_state(i) for i in range(context.stage)]
         CALLS.append(("before", context.stage, context.resumed, len(context.examples), earlier))
+        self.steps_seen = torch.zeros(1)  # restored from a checkpoint after this hook on resume
 
     def extra_loss(self, model, batch=None):
         with torch.no_grad():
@@ -34,9 +35,13 @@ class Recorder(SequentialLoRA):
     def before_step(self, model, step) -> None:
         grads = [p.grad for p in model.parameters() if p.requires_grad]
         CALLS.append(("step", all(g is not None for g in grads), step))
+        self.steps_seen += 1
+
+    def checkpoint_tensors(self):
+        return {"steps_seen": self.steps_seen}
 
     def after_training(self, context) -> None:
-        CALLS.append(("after", context.stage))
+        CALLS.append(("after", context.stage, int(self.steps_seen)))
         context.save_state({"seen": torch.tensor([float(context.stage)])}, {"stage": context.stage})
 
 
@@ -95,6 +100,8 @@ def test_resumed_stage_says_so_and_ends_like_an_uninterrupted_one(
     CALLS.clear()
     resumed = run_strategy(recorder, {"r": 4}, "tiny-llama", two_tasks[:1], config, tmp_path / "b")
     assert [call for call in CALLS if call[0] == "before"][0][2] is True
+    # the strategy's own mid-stage tensor came back from the checkpoint: 3 steps in all, not 1
+    assert [call[2] for call in CALLS if call[0] == "after"] == [3]
     assert resumed[0].summary["final_loss"] == pytest.approx(straight[0].summary["final_loss"], abs=1e-6)
 
 

@@ -11,6 +11,7 @@ and reloads the model of each stage. The hooks the runner calls, in order, for s
     strategy.extra_loss(model, batch)         -> a scalar added to the loss each micro-batch, or None
     strategy.before_step(model, step)         -> each optimizer step, gradients complete (A-GEM)
     strategy.after_training(context)          -> once, after the last step (state for later stages)
+    strategy.checkpoint_tensors()             -> live tensors it keeps mid-stage (saved with checkpoints)
     strategy.save(model, folder, source)      -> the stage artifact (adapter or full model folder)
     strategy.load(i, source, artifacts)       -> the model after stage i, from artifacts alone
 
@@ -142,6 +143,11 @@ class Strategy:
         """Called each optimizer step (0-based ``step``) after the step's backward passes, before
         gradient clipping: a method that edits gradients (projection, masking) does it here. Draw
         randomness from a generator seeded with the step, so a resumed stage draws the same."""
+
+    def checkpoint_tensors(self) -> dict[str, Tensor]:
+        """Live tensors the strategy updates during a stage outside the model (say, slow weights):
+        saved with every mid-stage checkpoint and copied back in place on resume."""
+        return {}
 
     def after_training(self, context: StageContext) -> None:
         """Called once after the stage's last step, before its artifact is saved: what later

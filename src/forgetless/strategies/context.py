@@ -15,10 +15,11 @@ safetensors file and one JSON, written in one rename, next to the stage's artifa
 State is not part of the stage's model (``Strategy.load`` never reads it), so evaluation, merging
 and export see only the artifact.
 
-Resume: a stage killed mid-way restarts from its checkpoint, which holds the trainable tensors
-and persistent buffers; ``before_training`` runs again before the checkpoint is read, so it must
-be a function of the built model and the data alone (``context.resumed`` says when it runs
-before a resume). A stage found done runs no hook.
+Resume: a stage killed mid-way restarts from its checkpoint, which holds the trainable tensors,
+the persistent buffers and the tensors ``Strategy.checkpoint_tensors`` returns (what the strategy
+updates mid-stage outside the model, such as slow weights); ``before_training`` runs again before
+the checkpoint is read, so it must be a function of the built model and the data alone
+(``context.resumed`` says when it runs before a resume). A stage found done runs no hook.
 """
 
 from __future__ import annotations

@@ -6,6 +6,8 @@ keeps the previous checkpoint whole:
     checkpoint/
       tensors.safetensors   every trainable parameter and every persistent buffer (adapter
                             statistics such as SLIM's cluster centres), by state-dict name
+      strategy.safetensors  tensors the strategy updates during a stage outside the model
+                            (``Strategy.checkpoint_tensors``, e.g. I-LoRA's slow weights), if any
       optimizer.pt          AdamW state (read back with torch.load(weights_only=True): no pickle)
       state.json            step (= data position and schedule position), loss history, token
                             counts, elapsed seconds, settings fingerprint, grad-scaler state
@@ -62,11 +64,18 @@ def tracked_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(
-    folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: LoopState
+    folder: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    state: LoopState,
+    extra: dict[str, torch.Tensor] | None = None,
 ) -> None:
-    """Write ``folder/checkpoint`` in one rename (replacing the previous one only when complete)."""
+    """Write ``folder/checkpoint`` in one rename (replacing the previous one only when complete);
+    ``extra``: the strategy's own tensors (``Strategy.checkpoint_tensors``)."""
     with atomic_dir(folder / CHECKPOINT_DIR, overwrite=True) as tmp:
         save_tensors(tmp / "tensors.safetensors", tracked_state(model))
+        if extra:
+            save_tensors(tmp / "strategy.safetensors", {k: t.detach() for k, t in extra.items()})
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         (tmp / "state.json").write_text(json.dumps(asdict(state)) + "\n", encoding="utf-8")
 
@@ -76,9 +85,14 @@ def has_checkpoint(folder: Path | None) -> bool:
 
 
 def load_checkpoint(
-    folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, fingerprint: str
+    folder: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    fingerprint: str,
+    extra: dict[str, torch.Tensor] | None = None,
 ) -> LoopState:
-    """Restore ``model``'s tracked tensors and ``optimizer`` in place; return the loop state.
+    """Restore ``model``'s tracked tensors, ``optimizer`` and the live ``extra`` tensors in place;
+    return the loop state.
 
     Raises:
         InputError: the checkpoint was written with other settings (different fingerprint) or does
@@ -106,5 +120,21 @@ def load_checkpoint(
             f"delete {folder} to train the stage again"
         )
     model.load_state_dict(tensors, strict=False)
+    if extra:
+        _restore_extra(path, extra, folder)
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
     return state
+
+
+def _restore_extra(path: Path, extra: dict[str, torch.Tensor], folder: Path) -> None:
+    """Copy the checkpoint's strategy tensors into the strategy's live ones (same names and shapes)."""
+    file = path / "strategy.safetensors"
+    saved = load_file(file) if file.is_file() else {}
+    if set(saved) != set(extra) or any(saved[k].shape != extra[k].shape for k in extra):
+        raise InputError(
+            f"{path} does not fit this strategy's state (its strategy tensors differ); "
+            f"delete {folder} to train the stage again"
+        )
+    with torch.no_grad():
+        for name, tensor in extra.items():
+            tensor.copy_(saved[name])

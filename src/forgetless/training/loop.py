@@ -179,6 +179,7 @@ def train_model(
     folder: Path | None = None,
     extra_loss: ExtraLoss | None = None,
     before_step: BeforeStep | None = None,
+    strategy_tensors: Callable[[], dict[str, Tensor]] | None = None,
     description: str = "train",
     fingerprint: str = "",
 ) -> TrainSummary:
@@ -195,6 +196,8 @@ def train_model(
             inputs, the logits at the answer positions); a scalar added to the loss, or None.
         before_step: called with the model and the 0-based step once per optimizer step, after
             the step's backward passes and before clipping (a strategy that edits gradients).
+        strategy_tensors: returns the live tensors a strategy updates outside the model during
+            the stage; they are checkpointed with the model and restored in place on resume.
         description: progress-bar label.
         fingerprint: identifies the settings; a checkpoint with another fingerprint is refused.
 
@@ -224,7 +227,8 @@ def train_model(
     state = LoopState(fingerprint=fingerprint)
     resumed = has_checkpoint(folder)
     if resumed:
-        state = load_checkpoint(folder, model, optimizer, fingerprint)
+        extra = strategy_tensors() if strategy_tensors is not None else None
+        state = load_checkpoint(folder, model, optimizer, fingerprint, extra)
     start_step = state.step
     loss_module = AnswerOnlyLoss(model, config.share_prompt_prefix, with_logits=extra_loss is not None)
     wrapped, optimizer = accelerator.prepare(loss_module, optimizer)
@@ -322,7 +326,8 @@ def train_model(
                         if accelerator.scaler is not None:
                             state.scaler = accelerator.scaler.state_dict()
                         if main:
-                            save_checkpoint(folder, model, optimizer, state)
+                            extra = strategy_tensors() if strategy_tensors is not None else None
+                            save_checkpoint(folder, model, optimizer, state, extra)
                         accelerator.wait_for_everyone()
     finally:
         bar.close()

@@ -283,6 +283,7 @@ def run_strategy(
                 folder=folder,
                 extra_loss=strategy.extra_loss,
                 before_step=strategy.before_step,
+                strategy_tensors=strategy.checkpoint_tensors,
                 description=f"{label or strategy_name} {stage + 1}/{len(tasks)} {task.name}",
                 fingerprint=fingerprint,
             )

@@ -186,7 +186,10 @@ def test_l1_and_balance_on_hand_examples():
     logits = torch.tensor([[0.0, 0.0], [1.0, 0.0]])
     chosen = torch.tensor([[0], [0]])
     p0 = (0.5 + torch.e / (1 + torch.e)) / 2
-    assert layer._load_balance(logits, chosen, None).item() == pytest.approx(2 * (1.0 * p0), rel=1e-6)
+    weights = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    assert layer._load_balance(logits, weights, chosen, None).item() == pytest.approx(
+        2 * (1.0 * p0), rel=1e-6
+    )
 
 
 def test_regularization_combines_l1_and_balance(tiny, batch):
@@ -241,11 +244,13 @@ def test_moe_lora_preset_has_no_identity_yielding_or_masking():
         AdapterConfig.slim(num_experts=2, num_identity_experts=2, top_k=5)
 
 
-def test_sparse_and_dense_expert_paths_agree_with_gradients():
+@pytest.mark.parametrize("top_p", [None, 0.5], ids=["top_k", "top_p"])
+def test_sparse_and_dense_expert_paths_agree_with_gradients(top_p):
     """Many tokens run each expert on its routed tokens only; few tokens one dense product."""
     model = torch.nn.Sequential()
     model.add_module("proj", torch.nn.Linear(24, 40))
-    inject_adapters(model, AdapterConfig.slim(r=4, target_modules=["proj"], num_experts=5, top_k=3))
+    config = AdapterConfig.slim(r=4, target_modules=["proj"], num_experts=5, top_k=3, top_p=top_p)
+    inject_adapters(model, config)
     randomize_adapters(model, scale=1.0)
     layer = model.proj
     x = torch.randn(100, 24, generator=torch.Generator().manual_seed(0), requires_grad=True)
@@ -270,8 +275,9 @@ def test_sparse_and_dense_expert_paths_agree_with_gradients():
         ),
         AdapterConfig.slim(r=4, distance_reduction="mean", distance_calibration="none"),
         AdapterConfig.moe_lora(r=4),
+        AdapterConfig.moe_lora(r=4, top_k=8, top_p=0.6),
     ],
-    ids=["slim-masked", "slim-quantile-zscore", "slim-mean-none", "moe_lora"],
+    ids=["slim-masked", "slim-quantile-zscore", "slim-mean-none", "moe_lora", "mixlora_dy"],
 )
 def test_folded_inference_path_equals_the_general_path(batch, config):
     model, _ = load_model("tiny-llama", seed=0)

@@ -100,6 +100,13 @@ class AdapterConfig(BaseModel):
         description="number of identity experts E_id, which add nothing to the base layer (slim: 2)",
     )
     top_k: int | None = Field(None, ge=1, description="experts active per token K (slim: 2)")
+    top_p: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="dynamic routing (MixLoRA-Dy): a token takes experts in order of router probability "
+        "until their cumulative probability reaches top_p, at most top_k of them; unset: always top_k",
+    )
     router_init_std: float = Field(0.02, ge=0, description="std of the normal init of the router weights")
     router_input_norm: bool = Field(
         False, description="RMS-normalise a token before the router (logits independent of its scale)"
@@ -224,6 +231,8 @@ class AdapterConfig(BaseModel):
                     )
             if self.yield_scale or self.mask_ratio:
                 raise ValueError("kind lora has no yielding or masking; use kind slim")
+            if self.top_p is not None:
+                raise ValueError("top_p: kind lora has no router; use kind moe_lora or slim")
         if self.yield_pooling == "prompt" and not self.num_identity_experts:
             raise ValueError("yield_pooling prompt needs identity experts to yield to; use kind slim")
         if self.stage_experts == "per_task" and not (

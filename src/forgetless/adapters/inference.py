@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from forgetless.adapters.selection import select_experts
+
 
 @dataclass(frozen=True)
 class InferencePlan:
@@ -95,8 +97,7 @@ def inference_update(
         logits = torch.addcmul(logits, raw.unsqueeze(1), plan.yield_columns)
     elif signal is not None:
         logits = torch.addcmul(logits, signal.unsqueeze(1), plan.yield_columns)
-    top_logits, chosen = logits.topk(config.top_k, dim=1)
-    weights = torch.zeros_like(logits).scatter_(1, chosen, torch.softmax(top_logits, dim=1))
+    weights, chosen = select_experts(logits, config.top_k, config.top_p)
     lora_weights = weights[:, :num_lora] * plan.scales
     hidden = (tokens @ plan.a_t).view(-1, num_lora, rank) * lora_weights.unsqueeze(2)
     update = hidden.view(-1, num_lora * rank) @ plan.b

@@ -32,6 +32,7 @@ from forgetless.adapters.gate import GateStatistics, RunningMoments
 from forgetless.adapters.inference import InferencePlan, build_plan, inference_update
 from forgetless.adapters.masking import masked_experts, structured_dare_masks
 from forgetless.adapters.pooling import PromptPool
+from forgetless.adapters.selection import select_experts, taken_slots
 from forgetless.adapters.sequence_routing import SequenceRouting
 from forgetless.adapters.stages import StageExperts
 
@@ -165,8 +166,9 @@ class MixtureLinear(SequenceRouting, AdapterLayer):
                 sample-level gate's score of each token's sequence), else None.
 
         Returns:
-            weights (T, E_l + E_id): softmax over each token's top-K corrected logits, 0 elsewhere;
-            logits (T, E_l + E_id) before top-K; chosen (T, K) expert indices; distance (T,) the
+            weights (T, E_l + E_id): softmax over each token's top-K corrected logits (or its
+            dynamic top-p set, ``selection.py``), 0 elsewhere; logits (T, E_l + E_id) before
+            the choice; chosen (T, K) expert indices; distance (T,) the
             yielding signal: the calibrated ``d(x)``, or its pooled z-score with prompt pooling
             (None without clustering).
         """
@@ -200,8 +202,7 @@ class MixtureLinear(SequenceRouting, AdapterLayer):
                 self.identity_columns,
                 value=self.config.yield_scale,
             )
-        top_logits, chosen = logits.topk(self.config.top_k, dim=1)
-        weights = torch.zeros_like(logits).scatter(1, chosen, torch.softmax(top_logits, dim=1))
+        weights, chosen = select_experts(logits, self.config.top_k, self.config.top_p)
         return weights, logits, chosen, distance
 
     # ---- 6. dynamic merging ---------------------------------------------------------------------
@@ -317,12 +318,14 @@ class MixtureLinear(SequenceRouting, AdapterLayer):
         weights, logits, chosen, distance = self.route(tokens, token_mask, leading, signal)
         a, b, scales = self._cached_expert_factors()
         inputs = self.dropout(tokens) if self.config.dropout > 0 else tokens
-        if tokens.shape[0] >= _SPARSE_MIN_TOKENS and self.config.top_k < self.config.num_experts:
+        config = self.config
+        sparse = config.top_k < config.num_experts or config.top_p is not None
+        if tokens.shape[0] >= _SPARSE_MIN_TOKENS and sparse:
             update = self._experts_sparse(inputs, weights, chosen, a, b, scales)
         else:
             update = self._experts_dense(inputs, weights, a, b, scales)
         if self.training and self.config.balance_weight > 0:
-            self._balance = self._load_balance(logits, chosen, token_mask)
+            self._balance = self._load_balance(logits, weights, chosen, token_mask)
         if self.recorder is not None:
             self.recorder(self, weights.detach(), chosen, distance, token_mask)
         return update
@@ -369,6 +372,8 @@ class MixtureLinear(SequenceRouting, AdapterLayer):
         """
         num_lora, rank, top_k = self.config.num_experts, self.config.r, self.config.top_k
         flat = chosen.reshape(-1)
+        if self.config.top_p is not None:  # slots after the top-p cut: sorted last, never run
+            flat = flat.masked_fill(~taken_slots(weights, chosen).reshape(-1), self.config.num_total_experts)
         order = torch.argsort(flat, stable=True)  # identity experts (indices >= E_l) sort last
         sizes = torch.bincount(flat, minlength=num_lora)[:num_lora].tolist()
         experts = [e for e in range(num_lora) if sizes[e]]
@@ -395,14 +400,19 @@ class MixtureLinear(SequenceRouting, AdapterLayer):
             rank * self.in_features
         )
 
-    def _load_balance(self, logits: Tensor, chosen: Tensor, token_mask: Tensor | None) -> Tensor:
+    def _load_balance(
+        self, logits: Tensor, weights: Tensor, chosen: Tensor, token_mask: Tensor | None
+    ) -> Tensor:
         """``E_l sum_e f_e P_e`` over LoRA experts (Switch / MixLoRA): f_e = share of LoRA slots
         given to e, P_e = mean router probability of e; 1 when perfectly balanced."""
         num_lora = self.config.num_experts
         if token_mask is not None:
-            logits, chosen = logits[token_mask], chosen[token_mask]
+            logits, weights, chosen = logits[token_mask], weights[token_mask], chosen[token_mask]
         probabilities = torch.softmax(logits[:, :num_lora].float(), dim=1).mean(dim=0)
-        lora_slots = chosen[chosen < num_lora]
+        lora = chosen < num_lora
+        if self.config.top_p is not None:  # only the slots the top-p cut kept
+            lora = lora & taken_slots(weights, chosen)
+        lora_slots = chosen[lora]
         counts = torch.bincount(lora_slots, minlength=num_lora).float()
         share = counts / counts.sum().clamp_min(1.0)
         return num_lora * (share * probabilities).sum()

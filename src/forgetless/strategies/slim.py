@@ -10,6 +10,8 @@ mask_ratio, l1_weight ...), with SLIM's defaults.
 
 from __future__ import annotations
 
+from typing import Any, ClassVar
+
 from torch import Tensor, nn
 
 from forgetless.strategies import Strategy, StrategyParams, register_strategy
@@ -24,9 +26,12 @@ class SLIM(Strategy):
     Params = StrategyParams
     accepts_adapter_fields = True
     adapter_kind = "slim"
+    #: AdapterConfig fields this strategy sets unless its params do (a named variant of a kind)
+    adapter_defaults: ClassVar[dict[str, Any]] = {}
 
     def make_engine(self) -> Engine:
-        return AdapterEngine(self.adapter_kind, self.adapter_fields, "continue", source=self.source)
+        fields = {**self.adapter_defaults, **self.adapter_fields}
+        return AdapterEngine(self.adapter_kind, fields, "continue", source=self.source)
 
     def extra_loss(self, model: nn.Module, batch: TrainBatch | None = None) -> Tensor | None:
         from forgetless.adapters import adapter_regularization

@@ -75,6 +75,12 @@ class StageContext:
         previous: the stage folders of stages 0..stage-1 (their states, if any, are readable).
         resumed: True when a checkpoint will be restored after ``before_training``.
         main: whether this process writes files (False on the other ranks of ``accelerate launch``).
+        trained_on: examples per source in the stage's data, recorded in done.json; a hook that
+            adds training examples (``examples.append``) counts them here too.
+
+    In ``before_training`` the model is still where ``build`` put it: the loop moves it to the
+    training device afterwards, so a hook that keeps tensors for later (a teacher, a memory)
+    moves them to the device of the tensors it meets in ``extra_loss`` / ``before_step``.
     """
 
     stage: int
@@ -88,6 +94,7 @@ class StageContext:
     previous: list[Path] = field(default_factory=list)
     resumed: bool = False
     main: bool = True
+    trained_on: dict[str, int] = field(default_factory=dict)
 
     def batches(self, batch_size: int, limit: int | None = None) -> Iterator[dict[str, Tensor]]:
         """The stage's examples in their order, collated (right padding), on the model's device;

@@ -272,6 +272,7 @@ def run_strategy(
                 previous=[result.folder for result in results],
                 resumed=has_checkpoint(folder),
                 main=accelerator.is_main_process,
+                trained_on=counts,
             )
             strategy.before_training(context)
             summary: TrainSummary = train_model(
@@ -288,7 +289,6 @@ def run_strategy(
                 fingerprint=fingerprint,
             )
             strategy.after_training(context)  # its state is written before done.json
-            del context
             done = {
                 "stage": stage,
                 "task": task.name,
@@ -299,7 +299,7 @@ def run_strategy(
                 "model_seed": source.seed,
                 "artifact": strategy.engine.artifact,
                 "previous": [result.folder.name for result in results],
-                "trained_on": counts,
+                "trained_on": context.trained_on,
                 "train": config.model_dump(),
                 "lr": lr,
                 "summary": summary.to_dict(),
@@ -310,7 +310,7 @@ def run_strategy(
                 write_json(folder / DONE_FILE, done)  # the stage counts as done from here on
                 shutil.rmtree(folder / CHECKPOINT_DIR, ignore_errors=True)
             accelerator.wait_for_everyone()
-            del model
+            del model, context  # the context holds the model too
             result = _result(folder, done, cached=False)
         else:
             result = _result(folder, done, cached=True)

@@ -76,6 +76,8 @@ def test_strategy_attributes_are_declared():
         assert strategy_class.setting_required in ("any", "fully_cooperative")
         assert make_strategy(name).produces in ("model", "adapter", "per_task")
     assert {name for name, cls in STRATEGIES.items() if cls.setting_required == "fully_cooperative"} == {
+        "agem",
+        "ilora",
         "joint",
         "replay",
     }

@@ -10,6 +10,7 @@ and reloads the model of each stage. The hooks the runner calls, in order, for s
     strategy.before_training(context)         -> once, before the first step (a StageContext)
     strategy.extra_loss(model, batch)         -> a scalar added to the loss each micro-batch, or None
     strategy.before_step(model, step)         -> each optimizer step, gradients complete (A-GEM)
+    strategy.after_step(model, step)          -> each optimizer step, after it (I-LoRA's EMA)
     strategy.after_training(context)          -> once, after the last step (state for later stages)
     strategy.checkpoint_tensors()             -> live tensors it keeps mid-stage (saved with checkpoints)
     strategy.save(model, folder, source)      -> the stage artifact (adapter or full model folder)
@@ -143,6 +144,10 @@ class Strategy:
         """Called each optimizer step (0-based ``step``) after the step's backward passes, before
         gradient clipping: a method that edits gradients (projection, masking) does it here. Draw
         randomness from a generator seeded with the step, so a resumed stage draws the same."""
+
+    def after_step(self, model: nn.Module, step: int) -> None:
+        """Called each optimizer step right after it, before a checkpoint is written: a method
+        that averages or copies weights (an EMA of the trained weights) does it here."""
 
     def checkpoint_tensors(self) -> dict[str, Tensor]:
         """Live tensors the strategy updates during a stage outside the model (say, slow weights):

@@ -6,6 +6,7 @@ in order::
     strategy.before_training(context)      model built, data encoded, nothing trained yet
     strategy.extra_loss(model, batch)      every micro-batch (batch: a TrainBatch)
     strategy.before_step(model, step)      every optimizer step, gradients complete, before clipping
+    strategy.after_step(model, step)       every optimizer step, right after it (before a checkpoint)
     strategy.after_training(context)       training done, before the artifact and done.json
 
 What a method needs to carry from one stage to the next (a Fisher diagonal, an episodic memory,
@@ -52,11 +53,17 @@ class TrainBatch:
             (row-major over ``keep``), still in the autograd graph: a distillation term needs no
             second forward.
         keep: (B, T) bool, the positions of ``logits``.
+        indices: for each row, its index in ``StageContext.examples`` (a strategy that mixes
+            sources tells the rows apart by it).
+
+    N may be 0 (a micro-batch without answer tokens, or a process's no-loss stand-in under
+    ``accelerate launch``).
     """
 
     inputs: dict[str, Tensor]
     logits: Tensor
     keep: Tensor
+    indices: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -77,6 +84,8 @@ class StageContext:
         main: whether this process writes files (False on the other ranks of ``accelerate launch``).
         trained_on: examples per source in the stage's data, recorded in done.json; a hook that
             adds training examples (``examples.append``) counts them here too.
+        formatter: a ``PromptFormatter`` with the run's prompt style, system prompt (else the
+            template's default) and max length: how examples a hook writes are encoded.
 
     In ``before_training`` the model is still where ``build`` put it: the loop moves it to the
     training device afterwards, so a hook that keeps tensors for later (a teacher, a memory)
@@ -95,6 +104,7 @@ class StageContext:
     resumed: bool = False
     main: bool = True
     trained_on: dict[str, int] = field(default_factory=dict)
+    formatter: Any = None
 
     def batches(self, batch_size: int, limit: int | None = None) -> Iterator[dict[str, Tensor]]:
         """The stage's examples in their order, collated (right padding), on the model's device;

@@ -10,7 +10,7 @@ Order of one optimizer step (read top to bottom in ``train_model``):
    balance, a distillation term on the same logits) divided by ``grad_accum``; backward,
    gradients synchronised on the last micro-batch;
 4. non-finite loss -> ``TrainingDivergedError`` (the last good checkpoint stays); the strategy's
-   ``before_step`` (gradient projection); clip; step;
+   ``before_step`` (gradient projection); clip; step; its ``after_step`` (weight averaging);
 5. metrics line (JSONL, TensorBoard when installed, progress bar) and, every
    ``checkpoint_every`` steps, a resumable checkpoint (``checkpoint.py``).
 """
@@ -179,6 +179,7 @@ def train_model(
     folder: Path | None = None,
     extra_loss: ExtraLoss | None = None,
     before_step: BeforeStep | None = None,
+    after_step: BeforeStep | None = None,
     strategy_tensors: Callable[[], dict[str, Tensor]] | None = None,
     description: str = "train",
     fingerprint: str = "",
@@ -196,6 +197,8 @@ def train_model(
             inputs, the logits at the answer positions); a scalar added to the loss, or None.
         before_step: called with the model and the 0-based step once per optimizer step, after
             the step's backward passes and before clipping (a strategy that edits gradients).
+        after_step: called likewise right after the optimizer step, before a checkpoint is
+            written (a strategy that averages weights).
         strategy_tensors: returns the live tensors a strategy updates outside the model during
             the stage; they are checkpointed with the model and restored in place on resume.
         description: progress-bar label.
@@ -256,7 +259,8 @@ def train_model(
                 step_extra = 0.0
                 for index, batch_indices in enumerate(batches):
                     mine = batch_indices[rank::world]
-                    inputs = collate([examples[i] for i in (mine or batch_indices[:1])], pad_id)
+                    rows = mine or batch_indices[:1]
+                    inputs = collate([examples[i] for i in rows], pad_id)
                     if not mine:  # fewer examples than processes: a no-loss stand-in keeps DDP in step
                         inputs["labels"].fill_(IGNORE_INDEX)
                     inputs = {key: value.to(device) for key, value in inputs.items()}
@@ -268,7 +272,7 @@ def train_model(
                         loss = loss_sum * (world / max(step_answers, 1))
                         extra = None
                         if extra_loss is not None:
-                            extra = extra_loss(model, TrainBatch(inputs, outputs[2], outputs[3]))
+                            extra = extra_loss(model, TrainBatch(inputs, outputs[2], outputs[3], rows))
                         if extra is not None:
                             loss = loss + extra / len(batches)
                             step_extra += float(extra.detach()) / len(batches)
@@ -290,6 +294,8 @@ def train_model(
                     grad_norm = float(accelerator.clip_grad_norm_(trainable, config.max_grad_norm))
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
+                if after_step is not None:
+                    after_step(model, step)
 
                 step_tokens = sum(lengths[i] for batch in batches for i in batch)
                 state.step = step + 1

@@ -273,6 +273,9 @@ def run_strategy(
                 resumed=has_checkpoint(folder),
                 main=accelerator.is_main_process,
                 trained_on=counts,
+                formatter=PromptFormatter(
+                    source.tokenizer, config.prompt_style, config.system_prompt, config.max_length
+                ),
             )
             strategy.before_training(context)
             summary: TrainSummary = train_model(
@@ -284,6 +287,7 @@ def run_strategy(
                 folder=folder,
                 extra_loss=strategy.extra_loss,
                 before_step=strategy.before_step,
+                after_step=strategy.after_step,
                 strategy_tensors=strategy.checkpoint_tensors,
                 description=f"{label or strategy_name} {stage + 1}/{len(tasks)} {task.name}",
                 fingerprint=fingerprint,

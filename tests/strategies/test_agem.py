@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from strategy_helpers import run_killed_at_step
 
 from forgetless.data import Example, PromptFormatter, Task
 from forgetless.errors import InputError
@@ -11,7 +12,6 @@ from forgetless.strategies import STRATEGIES, ModelSource, make_strategy, regist
 from forgetless.strategies.agem import AGEM, project
 from forgetless.strategies.context import STATE_DIR, StageContext, trainable_named
 from forgetless.training import load_stage, run_strategy
-from forgetless.training import loop as loop_module
 
 PARAMS = {"r": 4, "memory_per_task": 5, "memory_batch": 3}
 RECORDS: list[tuple] = []
@@ -141,19 +141,7 @@ def test_same_seed_same_weights_and_resume_ends_like_uninterrupted(
     weights = [load_stage(run[1])[0].state_dict() for run in (first, second)]
     assert all(torch.equal(weights[0][key], weights[1][key]) for key in weights[0])
 
-    real_step = loop_module.torch.optim.AdamW.step
-    count = {"n": 0}
-
-    def dying_step(self, *args, **kwargs):
-        count["n"] += 1
-        if count["n"] == 5:  # stage 1's second step (stage 0 took three)
-            raise KeyboardInterrupt
-        return real_step(self, *args, **kwargs)
-
-    monkeypatch.setattr(loop_module.torch.optim.AdamW, "step", dying_step)
-    with pytest.raises(KeyboardInterrupt):
-        _run("agem", two_tasks, config, tmp_path / "c")
-    monkeypatch.setattr(loop_module.torch.optim.AdamW, "step", real_step)
+    run_killed_at_step(monkeypatch, 5, lambda: _run("agem", two_tasks, config, tmp_path / "c"))
     resumed = _run("agem", two_tasks, config, tmp_path / "c")
     assert resumed[0].cached and resumed[1].summary["resumed_from_step"] == 1
     assert resumed[1].summary["final_loss"] == pytest.approx(first[1].summary["final_loss"], abs=1e-6)

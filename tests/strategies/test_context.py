@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from strategy_helpers import run_killed_at_step
 
 from forgetless.errors import InputError
 from forgetless.strategies import STRATEGIES, register_strategy
 from forgetless.strategies.context import STATE_DIR
 from forgetless.strategies.sequential_lora import SequentialLoRA
-from forgetless.training import loop as loop_module
 from forgetless.training import run_strategy
 from forgetless.training.loss import labelled_logits
 
@@ -84,19 +84,11 @@ def test_resumed_stage_says_so_and_ends_like_an_uninterrupted_one(
 ):
     config = {**fast_config, "checkpoint_every": 1}
     straight = run_strategy(recorder, {"r": 4}, "tiny-llama", two_tasks[:1], config, tmp_path / "a")
-    real_step = loop_module.torch.optim.AdamW.step
-    count = {"n": 0}
-
-    def dying_step(self, *args, **kwargs):
-        count["n"] += 1
-        if count["n"] == 3:
-            raise KeyboardInterrupt
-        return real_step(self, *args, **kwargs)
-
-    monkeypatch.setattr(loop_module.torch.optim.AdamW, "step", dying_step)
-    with pytest.raises(KeyboardInterrupt):
-        run_strategy(recorder, {"r": 4}, "tiny-llama", two_tasks[:1], config, tmp_path / "b")
-    monkeypatch.setattr(loop_module.torch.optim.AdamW, "step", real_step)
+    run_killed_at_step(
+        monkeypatch,
+        3,
+        lambda: run_strategy(recorder, {"r": 4}, "tiny-llama", two_tasks[:1], config, tmp_path / "b"),
+    )
     CALLS.clear()
     resumed = run_strategy(recorder, {"r": 4}, "tiny-llama", two_tasks[:1], config, tmp_path / "b")
     assert [call for call in CALLS if call[0] == "before"][0][2] is True

@@ -7,13 +7,13 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
+from strategy_helpers import run_killed_at_step
 
 from forgetless import load_model
 from forgetless.adapters import load_adapter
 from forgetless.strategies import STRATEGIES, ModelSource, make_strategy, register_strategy
 from forgetless.strategies.context import STATE_DIR, snapshot, trainable_named
 from forgetless.strategies.ilora import FAST, ILoRA, hidden_consistency, interpolate
-from forgetless.training import loop as loop_module
 from forgetless.training import run_strategy
 
 SETTING = "fully_cooperative"
@@ -124,19 +124,11 @@ def test_resumed_stage_ends_like_an_uninterrupted_one(two_tasks, fast_config, tm
     config = {**fast_config, "checkpoint_every": 1}
     params = {"r": 4, "interpolation": 0.9}
     straight = run_strategy("ilora", params, "tiny-llama", two_tasks, config, tmp_path / "a", SETTING)
-    real_step = loop_module.torch.optim.AdamW.step
-    count = {"n": 0}
-
-    def dying_step(self, *args, **kwargs):
-        count["n"] += 1
-        if count["n"] == 5:  # stage 1's second optimizer step: one checkpoint written
-            raise KeyboardInterrupt
-        return real_step(self, *args, **kwargs)
-
-    monkeypatch.setattr(loop_module.torch.optim.AdamW, "step", dying_step)
-    with pytest.raises(KeyboardInterrupt):
-        run_strategy("ilora", params, "tiny-llama", two_tasks, config, tmp_path / "b", SETTING)
-    monkeypatch.setattr(loop_module.torch.optim.AdamW, "step", real_step)
+    run_killed_at_step(
+        monkeypatch,
+        5,
+        lambda: run_strategy("ilora", params, "tiny-llama", two_tasks, config, tmp_path / "b", SETTING),
+    )
     assert (tmp_path / "b" / "stage-1-beta" / "checkpoint").is_dir()
     resumed = run_strategy("ilora", params, "tiny-llama", two_tasks, config, tmp_path / "b", SETTING)
     assert resumed[0].cached and resumed[1].summary["resumed_from_step"] == 1

@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
+from strategy_helpers import run_killed_at_step
 
 from forgetless import load_model
 from forgetless.adapters import load_adapter, lora_factors
@@ -21,7 +22,6 @@ from forgetless.strategies.inflora import (
     input_covariances,
 )
 from forgetless.training import load_stage, run_strategy
-from forgetless.training import loop as loop_module
 from forgetless.training.config import TrainConfig
 from forgetless.training.runner import _encode
 
@@ -153,19 +153,11 @@ def test_resumed_stage_designs_the_same_a_and_ends_like_an_uninterrupted_one(
     """A is frozen, so no checkpoint holds it: the resumed stage designs it again, identically."""
     config = {**fast_config, "checkpoint_every": 1}
     straight = run_strategy("inflora", PARAMS, "tiny-llama", two_tasks, config, tmp_path / "a")
-    real_step = loop_module.torch.optim.AdamW.step
-    count = {"n": 0}
-
-    def dying_step(self, *args, **kwargs):
-        count["n"] += 1
-        if count["n"] == 5:  # stage 1's second step (stage 0 took three)
-            raise KeyboardInterrupt
-        return real_step(self, *args, **kwargs)
-
-    monkeypatch.setattr(loop_module.torch.optim.AdamW, "step", dying_step)
-    with pytest.raises(KeyboardInterrupt):
-        run_strategy("inflora", PARAMS, "tiny-llama", two_tasks, config, tmp_path / "b")
-    monkeypatch.setattr(loop_module.torch.optim.AdamW, "step", real_step)
+    run_killed_at_step(
+        monkeypatch,
+        5,
+        lambda: run_strategy("inflora", PARAMS, "tiny-llama", two_tasks, config, tmp_path / "b"),
+    )
     resumed = run_strategy("inflora", PARAMS, "tiny-llama", two_tasks, config, tmp_path / "b")
     assert resumed[0].cached and resumed[1].summary["resumed_from_step"] == 1
     assert resumed[1].summary["final_loss"] == pytest.approx(straight[1].summary["final_loss"], abs=1e-6)

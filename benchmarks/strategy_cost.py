@@ -67,7 +67,9 @@ def _child(method: str, steps: int, examples: int, folder: str) -> None:
         starts.append(time.perf_counter())
 
     begun = time.perf_counter()
-    results = run_strategy(method, params, "smollm2-135m-instruct", tasks, config, folder, setting, on_stage_end=mark)
+    results = run_strategy(
+        method, params, "smollm2-135m-instruct", tasks, config, folder, setting, on_stage_end=mark
+    )
     stage_seconds = starts[1] - starts[0] if len(starts) == 2 else time.perf_counter() - begun
     # the stage-2 wall time minus its steps is what the method does outside the loop
     step_seconds = results[1].summary["seconds"] / max(results[1].summary["steps"], 1)
@@ -87,7 +89,9 @@ def _child(method: str, steps: int, examples: int, folder: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "strategy_cost.json")
     parser.add_argument("--steps", type=int, default=8, help="optimizer steps per stage")
     parser.add_argument("--examples", type=int, default=16, help="training items per task")

@@ -42,11 +42,14 @@ def test_osf_stage_reloads_with_the_trained_logits(two_tasks, fast_config, tmp_p
     assert not torch.allclose(_logits(base, tokenizer), trained[0], atol=1e-5)
 
 
-def _subspace_share(update: torch.Tensor, start: torch.Tensor, rank: int) -> float:
-    """||U_k^T D V_k|| / ||D||: the share of ``update`` inside the top-``rank`` singular block of ``start``."""
+def _subspace_shares(update: torch.Tensor, start: torch.Tensor, rank: int) -> tuple[float, float]:
+    """||U_k^T D|| / ||D|| and ||D V_k^T|| / ||D||: the shares of ``update`` along the top-``rank``
+    left and right singular directions of ``start`` (each alone, the stricter reading)."""
     u, _, vh = torch.linalg.svd(start.double(), full_matrices=False)
-    inside = u[:, :rank].T @ update.double() @ vh[:rank].T
-    return float(inside.norm() / update.double().norm())
+    update = update.double()
+    return float((u[:, :rank].T @ update).norm() / update.norm()), float(
+        (update @ vh[:rank].T).norm() / update.norm()
+    )
 
 
 def test_osf_stage_one_leaves_the_preserved_subspace_alone(two_tasks, fast_config, tmp_path):
@@ -59,9 +62,10 @@ def test_osf_stage_one_leaves_the_preserved_subspace_alone(two_tasks, fast_confi
         key = f"{module}.weight"
         update = after[key] - before[key]
         assert update.norm() > 1e-3, f"{module} did not train"
-        # PEFT projects the factors' gradients; AdamW's per-element scaling lets a little leak out of
-        # the projection (~0.6% here), while free training puts ~55% of its update in this block
-        assert _subspace_share(update, before[key], rank) < 0.05, module
+        # PEFT projects the gradients and AdamW's per-element scaling leaks (12-19% along either side
+        # without the after-step projection); with it the frozen directions get nothing (float noise)
+        left, right = _subspace_shares(update, before[key], rank)
+        assert left < 1e-3 and right < 1e-3, (module, left, right)
     untouched = [key for key in before if not any(f".{name}." in key for name in TARGETS)]
     assert "model.embed_tokens.weight" in untouched and "model.layers.0.self_attn.q_proj.weight" in untouched
     for key in untouched:

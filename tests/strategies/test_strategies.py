@@ -189,3 +189,21 @@ def test_eval_and_serve_take_a_stage_folder_as_the_model(two_tasks, fast_config,
         assert torch.equal(model(**batch).logits, reference(**batch).logits)
     with pytest.raises(InputError, match="brings its own adapter"):
         load_model_and_adapter(str(results[1].folder), adapter=str(results[1].folder / "adapter"))
+
+
+def test_gated_lora_is_one_lora_per_stage_behind_the_gate(two_tasks, fast_config, tmp_path):
+    from forgetless.adapters import adapter_layers
+
+    results = run_strategy("gated_lora", {"r": 4}, "tiny-llama", two_tasks, fast_config, tmp_path)
+    final, _ = load_stage(results[1])
+    layers = list(adapter_layers(final).values())
+    config = layers[0].config
+    assert (config.num_experts, config.num_identity_experts, config.top_k, config.r) == (1, 0, 1, 4)
+    assert config.yield_pooling == "sample" and config.stage_experts == "per_task"
+    assert config.balance_weight == 0 and config.l1_weight == 0 and config.mask_ratio == 0
+    # stage 0's LoRA is kept frozen beside stage 1's, and differs from it
+    assert all(len(layer.earlier_experts) == 1 for layer in layers)
+    assert any(not torch.equal(layer.earlier_experts[0].lora_B, layer.lora_B) for layer in layers)
+    # a param overrides the variant's default
+    override = make_strategy("gated_lora", {"yield_threshold": 5.0}).engine.config(0)
+    assert override.yield_threshold == 5.0 and override.num_experts == 1

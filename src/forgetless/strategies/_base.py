@@ -175,3 +175,14 @@ def lora_engine_fields(strategy: Strategy) -> dict[str, Any]:
             f"{strategy.source}: '{first}' is an adapter setting but mode is fft; remove it or set mode: lora"
         )
     return strategy.adapter_fields
+
+
+def mode_engine(strategy: Strategy, lora: str, fft: str) -> Engine:
+    """The engine of a ``ModeParams`` strategy: a LoRA adapter with continuation ``lora`` for mode
+    lora, all weights with continuation ``fft`` for mode fft (where an adapter field is an error)."""
+    from forgetless.strategies._engines import AdapterEngine, FullModelEngine
+
+    fields = lora_engine_fields(strategy)
+    if strategy.params.mode == "fft":
+        return FullModelEngine(fft)
+    return AdapterEngine("lora", fields, lora, source=strategy.source)

@@ -35,8 +35,8 @@ from torch import Tensor, nn
 from forgetless.data.batching import collate
 from forgetless.data.formatting import Encoded
 from forgetless.strategies import ModeParams, Strategy, register_strategy
-from forgetless.strategies._base import lora_engine_fields
-from forgetless.strategies._engines import AdapterEngine, Engine, FullModelEngine
+from forgetless.strategies._base import mode_engine
+from forgetless.strategies._engines import Engine
 from forgetless.strategies.context import StageContext, trainable_named
 from forgetless.training.loss import answer_loss
 
@@ -111,10 +111,7 @@ class AGEM(Strategy):
         self._stage, self._seed, self._pad_id = 0, 0, 0
 
     def make_engine(self) -> Engine:
-        if self.params.mode == "fft":
-            lora_engine_fields(self)
-            return FullModelEngine("continue")
-        return AdapterEngine("lora", lora_engine_fields(self), "merge", source=self.source)
+        return mode_engine(self, lora="merge", fft="continue")
 
     # ---- memory --------------------------------------------------------------------------------
 

@@ -48,8 +48,8 @@ from torch import Tensor, nn
 from forgetless.data.formatting import IGNORE_INDEX
 from forgetless.errors import InputError
 from forgetless.strategies import ModeParams, Strategy, register_strategy
-from forgetless.strategies._base import lora_engine_fields
-from forgetless.strategies._engines import AdapterEngine, Engine, FullModelEngine
+from forgetless.strategies._base import mode_engine
+from forgetless.strategies._engines import Engine
 from forgetless.strategies.context import STATE_DIR, StageContext, TrainBatch, snapshot, trainable_named
 
 FISHER, ANCHOR = "fisher.", "anchor."
@@ -137,10 +137,7 @@ class EWC(Strategy):
         super().__init__(params, source)
 
     def make_engine(self) -> Engine:
-        if self.params.mode == "fft":
-            lora_engine_fields(self)
-            return FullModelEngine("continue")
-        return AdapterEngine("lora", lora_engine_fields(self), "continue", source=self.source)
+        return mode_engine(self, lora="continue", fft="continue")
 
     def before_training(self, context: StageContext) -> None:
         """Read stage t-1's Fisher and anchor (nothing at stage 0)."""

@@ -12,8 +12,8 @@ from collections.abc import Sequence
 
 from forgetless.data.task import Example, Task
 from forgetless.strategies import ModeParams, Strategy, register_strategy
-from forgetless.strategies._base import lora_engine_fields
-from forgetless.strategies._engines import AdapterEngine, Engine, FullModelEngine
+from forgetless.strategies._base import mode_engine
+from forgetless.strategies._engines import Engine
 from forgetless.training.sampling import joint_mixture
 
 
@@ -26,10 +26,7 @@ class Joint(Strategy):
     accepts_adapter_fields = True
 
     def make_engine(self) -> Engine:
-        if self.params.mode == "fft":
-            lora_engine_fields(self)
-            return FullModelEngine("from_base")
-        return AdapterEngine("lora", lora_engine_fields(self), "from_base", source=self.source)
+        return mode_engine(self, lora="from_base", fft="from_base")
 
     def stage_data(self, stage: int, tasks: Sequence[Task], seed: int) -> list[tuple[Task, list[Example]]]:
         mixture = joint_mixture([task.train for task in tasks], stage, seed)

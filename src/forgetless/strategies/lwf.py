@@ -41,8 +41,8 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from forgetless.strategies import ModeParams, Strategy, register_strategy
-from forgetless.strategies._base import lora_engine_fields
-from forgetless.strategies._engines import AdapterEngine, Engine, FullModelEngine
+from forgetless.strategies._base import mode_engine
+from forgetless.strategies._engines import Engine
 from forgetless.strategies.context import StageContext, TrainBatch
 from forgetless.training.loss import labelled_logits
 
@@ -83,10 +83,7 @@ class LwF(Strategy):
         super().__init__(params, source)
 
     def make_engine(self) -> Engine:
-        if self.params.mode == "fft":
-            lora_engine_fields(self)  # an adapter field with mode fft is an error
-            return FullModelEngine("continue")
-        return AdapterEngine("lora", lora_engine_fields(self), "merge", source=self.source)
+        return mode_engine(self, lora="merge", fft="continue")
 
     def before_training(self, context: StageContext) -> None:
         """The teacher: a frozen eval-mode copy of the model as built (see the module docstring)."""

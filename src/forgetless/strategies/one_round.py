@@ -10,8 +10,8 @@ The ``on_stage_end`` callback receives the per-task model of task i (only task i
 from __future__ import annotations
 
 from forgetless.strategies import ModeParams, Strategy, register_strategy
-from forgetless.strategies._base import lora_engine_fields
-from forgetless.strategies._engines import AdapterEngine, Engine, FullModelEngine
+from forgetless.strategies._base import mode_engine
+from forgetless.strategies._engines import Engine
 
 
 @register_strategy("one_round")
@@ -22,10 +22,7 @@ class OneRound(Strategy):
     accepts_adapter_fields = True
 
     def make_engine(self) -> Engine:
-        if self.params.mode == "fft":
-            lora_engine_fields(self)
-            return FullModelEngine("from_base")
-        return AdapterEngine("lora", lora_engine_fields(self), "from_base", source=self.source)
+        return mode_engine(self, lora="from_base", fft="from_base")
 
     def _produces(self) -> str:
         return "per_task"

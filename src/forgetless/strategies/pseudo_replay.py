@@ -55,8 +55,8 @@ from torch import nn
 
 from forgetless.data.formatting import IGNORE_INDEX, Encoded, PromptFormatter
 from forgetless.strategies import ModeParams, Strategy, register_strategy
-from forgetless.strategies._base import lora_engine_fields
-from forgetless.strategies._engines import AdapterEngine, Engine, FullModelEngine
+from forgetless.strategies._base import mode_engine
+from forgetless.strategies._engines import Engine
 from forgetless.strategies.context import StageContext
 
 INSTRUCTIONS = (
@@ -209,10 +209,7 @@ class PseudoReplay(Strategy):
         self.seconds = 0.0
 
     def make_engine(self) -> Engine:
-        if self.params.mode == "fft":
-            lora_engine_fields(self)
-            return FullModelEngine("continue")
-        return AdapterEngine("lora", lora_engine_fields(self), "merge", source=self.source)
+        return mode_engine(self, lora="merge", fft="continue")
 
     def pseudo_count(self, own: int) -> int:
         return int(round(self.params.fraction * own))

@@ -14,8 +14,8 @@ from pydantic import Field
 
 from forgetless.data.task import Example, Task
 from forgetless.strategies import ModeParams, Strategy, register_strategy
-from forgetless.strategies._base import lora_engine_fields
-from forgetless.strategies._engines import AdapterEngine, Engine, FullModelEngine
+from forgetless.strategies._base import mode_engine
+from forgetless.strategies._engines import Engine
 from forgetless.training.sampling import replay_mixture
 
 
@@ -34,10 +34,7 @@ class Replay(Strategy):
     accepts_adapter_fields = True
 
     def make_engine(self) -> Engine:
-        if self.params.mode == "fft":
-            lora_engine_fields(self)
-            return FullModelEngine("continue")
-        return AdapterEngine("lora", lora_engine_fields(self), "merge", source=self.source)
+        return mode_engine(self, lora="merge", fft="continue")
 
     def stage_data(self, stage: int, tasks: Sequence[Task], seed: int) -> list[tuple[Task, list[Example]]]:
         mixture = replay_mixture([task.train for task in tasks], stage, self.params.fraction, seed)

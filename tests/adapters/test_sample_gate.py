@@ -287,3 +287,56 @@ def test_in_training_the_clusters_learn_from_the_gate_pass_only_and_nothing_yiel
     assert calls and all(calls)  # every clustering call came from the gate's base pass
     loss_sum.backward()  # and the experts were used: training never yields
     assert all(layer.lora_B.grad.abs().sum() > 0 for layer in adapter_layers(model).values())
+
+
+def _gate_buffers(model) -> dict[str, torch.Tensor]:
+    return {name: t.clone() for name, t in model.named_buffers() if "clusters" in name or "moments" in name}
+
+
+def test_fitted_gate_learns_what_training_forwards_teach_and_then_skips_the_base_pass(monkeypatch):
+    """Measuring the prompts before training equals the first epoch's in-forward learning exactly;
+    inside the block training forwards run no base pass; after it they learn again."""
+    from forgetless.adapters import fitted_gate
+    from forgetless.data.batching import collate
+    from forgetless.data.task import Example
+
+    model, tokenizer = load_model("tiny-llama", seed=0)
+    inject_adapters(model, AdapterConfig.slim(r=4, num_experts=3), tokenizer=tokenizer)
+    reference, _ = load_model("tiny-llama", seed=0)
+    inject_adapters(reference, AdapterConfig.slim(r=4, num_experts=3), tokenizer=tokenizer)
+    formatter = PromptFormatter(tokenizer)
+    encoded = [formatter.encode(Example(prompt=text, answer=f"answer {i}")) for i, text in enumerate(TRAIN_TEXTS)]
+    batches = [collate(encoded[i : i + 2], tokenizer.pad_token_id) for i in (0, 2)]
+    reference.train()
+    with torch.no_grad():  # the first epoch's training forwards, learning in the forward
+        for batch in batches:
+            AnswerOnlyLoss(reference)(batch["input_ids"], batch["attention_mask"], batch["labels"])
+    model.eval()
+    with fitted_gate(model, iter(batches)) as measured:
+        assert measured == len(TRAIN_TEXTS) and not model.training  # train mode was restored
+        learned = _gate_buffers(model)
+        assert learned.keys() == _gate_buffers(reference).keys()
+        for name, tensor in _gate_buffers(reference).items():
+            assert torch.equal(learned[name], tensor), name
+        passes = []
+        monkeypatch.setattr(type(_gate(model)), "_base_pass", lambda *a, **k: passes.append(1))
+        model.train()
+        with torch.no_grad():
+            AnswerOnlyLoss(model)(batches[0]["input_ids"], batches[0]["attention_mask"], batches[0]["labels"])
+        assert not passes
+        for name, tensor in _gate_buffers(model).items():
+            assert torch.equal(learned[name], tensor), name
+    monkeypatch.undo()
+    with torch.no_grad():  # outside the block a training forward learns from its batch again
+        AnswerOnlyLoss(model)(batches[0]["input_ids"], batches[0]["attention_mask"], batches[0]["labels"])
+    assert any(not torch.equal(learned[n], t) for n, t in _gate_buffers(model).items())
+
+
+def test_fitted_gate_is_a_no_op_without_the_gate():
+    from forgetless.adapters import fitted_gate
+
+    model, tokenizer = load_model("tiny-llama", seed=0)
+    inject_adapters(model, AdapterConfig.moe_lora(r=4))
+    batch = {"input_ids": torch.tensor([[1, 2]]), "attention_mask": torch.ones(1, 2), "labels": torch.tensor([[-100, 2]])}
+    with fitted_gate(model, iter([batch])) as measured:
+        assert measured == 0

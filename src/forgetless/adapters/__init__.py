@@ -10,7 +10,7 @@ from forgetless.adapters.base import ADAPTER_LAYERS, AdapterLayer
 from forgetless.adapters.clustering import SlidingClusters
 from forgetless.adapters.config import ATTENTION_PROJECTIONS, MLP_PROJECTIONS, AdapterConfig
 from forgetless.adapters.diagnostics import routing_diagnostics, separation_auc
-from forgetless.adapters.gate import open_gate_task
+from forgetless.adapters.gate import fitted_gate, open_gate_task
 from forgetless.adapters.inject import (
     INFERENCE_FIELDS,
     adapter_layers,
@@ -48,6 +48,7 @@ __all__ = [
     "build_lora_moe",
     "export_peft_lora",
     "find_target_modules",
+    "fitted_gate",
     "inject_adapters",
     "load_adapter",
     "lora_factors",

@@ -41,6 +41,9 @@ class TokenContext:
     gate_pass: bool = False
     content_mask: Tensor | None = None
     gate_scores: list[Tensor] = field(default_factory=list)
+    #: True while a training loop runs whose prompts the gate already measured (``fitted_gate``):
+    #: training forwards then skip the gate's base pass
+    gate_fitted: bool = False
 
     def token_mask(self, leading_shape: torch.Size) -> Tensor | None:
         """Flat bool mask (tokens,) for an input of shape ``(*leading_shape, d_in)``, or None."""

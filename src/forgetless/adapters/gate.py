@@ -32,8 +32,13 @@ mean over a prompt's content tokens does (AUC 0.999 averaged over layers). So, p
    ``yield_threshold`` yields fully: its tokens take the base path and cost no expert work.
    Yielding acts at inference. In training every sequence reaches the experts: training data is
    in-domain by definition, and the prompts of a new task in a sequence, far from the earlier
-   tasks' statistics when its stage starts, must be learned rather than yielded; the base pass
-   still runs in training, so the clusters and moments learn every task's prompts.
+   tasks' statistics when its stage starts, must be learned rather than yielded.
+4. **Learning the statistics.** The clusters and moments learn in train mode, from the base pass
+   only, never from the adapted forward. Our training loop measures each training prompt once
+   per stage (``fitted_gate``): before the first step it runs the base pass over the first
+   epoch's micro-batches in their order, and the training forwards skip it (their scores are
+   unused in training). A forward in train mode outside that (a loop of one's own) still learns
+   from every batch it sees.
 
 Exactness: the score is fixed by the prompt, so a full forward over prompt + answer (the caller
 marks the prompt with ``prompt_boundary``), a prefill followed by cached decoding, left-padded
@@ -44,7 +49,7 @@ code that reorders a KV cache's rows calls ``reorder_sequence_state``, as for pr
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -242,6 +247,8 @@ class SequenceGate:
             inputs = kwargs.get("inputs_embeds")
         if not isinstance(inputs, Tensor):
             return
+        if context.gate_fitted and model.training:
+            return  # the stage's prompts were measured before training, whose forwards ignore scores
         batch, length = inputs.shape[0], inputs.shape[1]
         if _past_length(kwargs, length) > 0:
             return  # a later chunk: the scores of its rows were set by its first chunk
@@ -256,6 +263,15 @@ class SequenceGate:
         ids = context.input_ids if context.input_ids is not None and context.input_ids.dim() == 2 else None
         content = content_mask(ids, prompt, self.prefix_ids, self.suffix_ids)
         self.scores, self.stages = self._base_pass(model, context, kwargs, inputs, content)
+
+    def measure(
+        self, model: nn.Module, context, input_ids: Tensor, attention_mask: Tensor, prompt: Tensor  # noqa: ANN001
+    ) -> None:
+        """The base pass of ``before_forward`` for whole sequences given outside a forward:
+        (B, L) token ids, their attention mask and prompt mask (``fitted_gate``)."""
+        content = content_mask(input_ids, attention_mask.bool() & prompt, self.prefix_ids, self.suffix_ids)
+        kwargs = {"attention_mask": attention_mask}
+        self.scores, self.stages = self._base_pass(model, context, kwargs, input_ids, content)
 
     @torch.no_grad()
     def _base_pass(
@@ -286,6 +302,43 @@ class SequenceGate:
             batch = inputs.shape[0]
             return inputs.new_zeros(batch, dtype=torch.float32), inputs.new_zeros(batch, dtype=torch.long)
         return nearest_task(scores)
+
+
+@contextmanager
+def fitted_gate(model: nn.Module, batches: Iterable[dict[str, Tensor]], measure: bool = True) -> Iterator[int]:
+    """Measure a stage's training prompts once, then train without the per-forward base pass.
+
+    With ``measure``, every micro-batch of ``batches`` (``input_ids``, ``attention_mask`` and
+    ``labels`` as collated for training; the prompt is the part before a row's first label) runs
+    the gate's base pass in train mode, so the clusters and moments of every sample-gated layer
+    learn exactly as the first epoch's training forwards would teach them. Inside the block,
+    training forwards of ``model`` skip the base pass. ``measure=False`` (a resumed stage, whose
+    checkpoint holds the measured statistics) only skips. Yields the number of prompts measured;
+    a no-op (0) for models without the gate.
+    """
+    from forgetless.adapters.inject import gated_modules
+
+    owners = [(module, context) for module, context in gated_modules(model) if context.gate is not None]
+    measured = 0
+    if owners and measure:
+        states = {module: module.training for module in model.modules()}
+        model.train()  # the statistics learn in train mode only
+        try:
+            for batch in batches:
+                prompt = prompt_mask_from_labels(batch["labels"], batch["attention_mask"])
+                for owner, context in owners:
+                    context.gate.measure(owner, context, batch["input_ids"], batch["attention_mask"], prompt)
+                measured += int(batch["input_ids"].shape[0])
+        finally:
+            for module, training in states.items():
+                module.training = training
+    for _, context in owners:
+        context.gate_fitted = True
+    try:
+        yield measured
+    finally:
+        for _, context in owners:
+            context.gate_fitted = False
 
 
 def _contexts(model: nn.Module) -> list:

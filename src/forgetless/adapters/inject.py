@@ -91,6 +91,16 @@ def _capture_mask(module: nn.Module, args: tuple, kwargs: dict) -> None:
         context.gate.before_forward(module, context, args, kwargs)
 
 
+def gated_modules(model: nn.Module) -> list[tuple[nn.Module, TokenContext]]:
+    """The modules of ``model`` whose forward pre-hook fills a ``TokenContext``, with it."""
+    found = []
+    for module in model.modules():
+        context = getattr(module, _CONTEXT_ATTR, None)
+        if context is not None:
+            found.append((module, context))
+    return found
+
+
 def _token_context(model: nn.Module) -> TokenContext:
     """The model's shared TokenContext, installing the pre-hook that fills it on first use."""
     context = getattr(model, _CONTEXT_ATTR, None)

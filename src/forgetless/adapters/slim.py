@@ -36,8 +36,9 @@ from forgetless.adapters.selection import select_experts, taken_slots
 from forgetless.adapters.sequence_routing import SequenceRouting
 from forgetless.adapters.stages import StageExperts
 
-# From this many tokens on, experts run only on their routed tokens (K / E_l of the dense
-# work); below it, one dense product over all experts costs fewer operator calls.
+# Below this many tokens (generation) the folded inference plan runs (inference.py); on an
+# accelerator it is also where experts start to run only on their routed tokens (K / E_l of the
+# dense work), while one dense product over all experts costs fewer operator calls below it.
 _SPARSE_MIN_TOKENS = 64
 
 
@@ -318,9 +319,7 @@ class MixtureLinear(SequenceRouting, AdapterLayer):
         weights, logits, chosen, distance = self.route(tokens, token_mask, leading, signal)
         a, b, scales = self._cached_expert_factors()
         inputs = self.dropout(tokens) if self.config.dropout > 0 else tokens
-        config = self.config
-        sparse = config.top_k < config.num_experts or config.top_p is not None
-        if tokens.shape[0] >= _SPARSE_MIN_TOKENS and sparse:
+        if self._sparse_pays(tokens):
             update = self._experts_sparse(inputs, weights, chosen, a, b, scales)
         else:
             update = self._experts_dense(inputs, weights, a, b, scales)
@@ -329,6 +328,19 @@ class MixtureLinear(SequenceRouting, AdapterLayer):
         if self.recorder is not None:
             self.recorder(self, weights.detach(), chosen, distance, token_mask)
         return update
+
+    def _sparse_pays(self, tokens: Tensor) -> bool:
+        """Whether the per-expert sparse path beats one dense product over all experts.
+
+        Never on CPU: there the dense product was faster at every size measured, with and without
+        autograd (benchmarks/expert_paths.py, results in benchmarks/results/expert_paths.json):
+        the per-expert gathers, small matmuls and scatter cost more than the experts' FLOPs they
+        save. On accelerators, from ``_SPARSE_MIN_TOKENS`` tokens on (not measured here).
+        """
+        config = self.config
+        if config.top_k >= config.num_experts and config.top_p is None:
+            return False  # every expert runs on every token: nothing to skip
+        return tokens.device.type != "cpu" and tokens.shape[0] >= _SPARSE_MIN_TOKENS
 
     def _use_inference_plan(self, tokens: Tensor) -> bool:
         """Few tokens at inference without autograd or diagnostics: the folded path (inference.py)."""

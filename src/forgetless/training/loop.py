@@ -29,6 +29,7 @@ import torch
 from accelerate import Accelerator
 from torch import Tensor, nn
 
+from forgetless.adapters.gate import fitted_gate
 from forgetless.data.batching import collate, length_bucketed_batches
 from forgetless.data.formatting import IGNORE_INDEX, Encoded
 from forgetless.errors import InputError
@@ -245,7 +246,13 @@ def train_model(
     wrapped.train()
     try:
         cuda_devices = [torch.cuda.current_device()] if device.type == "cuda" else []
-        with torch.random.fork_rng(devices=cuda_devices):
+        # a sample-level gate measures each training prompt once, in the first epoch's order,
+        # before the first step (a resumed stage's checkpoint holds what it measured)
+        first_epoch = (
+            {key: value.to(device) for key, value in collate([examples[i] for i in rows], pad_id).items()}
+            for rows in epoch_batches(lengths, config, 0)
+        )
+        with torch.random.fork_rng(devices=cuda_devices), fitted_gate(model, first_epoch, not resumed):
             for step in range(state.step, total):
                 started = time.perf_counter()
                 step_lr = lr * lr_factor(step, total, config.warmup_ratio, config.scheduler)

@@ -17,7 +17,9 @@ On SmolLM2-135M-Instruct, batch 8 x 64 tokens, all in one process and interleave
    suite's prompts (routing_diagnostics), and a token-level AUC of the calibrated distance.
 
 JSON keys: lora_step_vs_peft_lora, moe_lora_step_vs_peft_lora, slim_step_vs_peft_lora,
-slim_token_step_vs_peft_lora (time ratios, lower is faster), slim_yielded_generation_vs_base,
+slim_token_step_vs_peft_lora (time ratios, lower is faster; SLIM's step as our loop runs it, without
+the gate's base pass, which ``gate_measure_seconds_slim`` times once per batch of new prompts:
+``slim_first_epoch_step_vs_peft_lora`` adds it), slim_yielded_generation_vs_base,
 slim_in_domain_generation_vs_base, slim_token_generation_vs_base, slim_prompt_generation_vs_base,
 merged_lora_generation_vs_base (throughput ratios, batch 1; *_batch8 likewise), identity_share_{task,general}_{reduction},
 identity_gap_{reduction}, distance_auc_{reduction}, best_reduction, plus absolute times as context.
@@ -46,7 +48,7 @@ from forgetless.adapters import (
     separation_auc,
     trainable_parameters,
 )
-from forgetless.adapters.gate import prompt_boundary
+from forgetless.adapters.gate import fitted_gate, prompt_boundary
 from forgetless.data.formatting import PromptFormatter
 from forgetless.io import write_json
 from forgetless.tasks import get_task, suites
@@ -77,12 +79,18 @@ def _variant(base, kind: str):
     return model
 
 
-def _step(model, batch, ours: bool) -> float:
-    start = time.perf_counter()
-    # the first half of each row is its prompt (SLIM's gate pools over it; a no-op for the others)
+def _prompt(batch) -> torch.Tensor:
+    """The first half of each row is its prompt (SLIM's gate pools over it; a no-op for the others)."""
     prompt = torch.zeros_like(batch["input_ids"], dtype=torch.bool)
     prompt[:, : prompt.shape[1] // 2] = True
-    with prompt_boundary(model, prompt):
+    return prompt
+
+
+def _step(model, batch, ours: bool) -> float:
+    """One forward+backward as our training loop runs it: a sample gate measured its prompts
+    before the loop (``fitted_gate``), so the step runs no base pass."""
+    start = time.perf_counter()
+    with fitted_gate(model, [], measure=False), prompt_boundary(model, _prompt(batch)):
         loss = model(**batch, labels=batch["input_ids"]).loss
     if ours:
         loss = loss + adapter_regularization(model)
@@ -101,17 +109,31 @@ def bench_steps(base, repeats: int, batch_size: int, seq_len: int) -> dict[str, 
     models = {kind: _variant(base, kind) for kind in kinds}
     for kind in kinds:  # warm-up: allocator, first-batch cluster initialisation
         _step(models[kind], batch, kind != "peft_lora")
-    times: dict[str, list[float]] = {kind: [] for kind in kinds}
+    times: dict[str, list[float]] = {kind: [] for kind in [*kinds, "slim_measure"]}
     for round_index in range(repeats):
         order = kinds[round_index % len(kinds) :] + kinds[: round_index % len(kinds)]
         for kind in order:
             times[kind].append(_step(models[kind], batch, kind != "peft_lora"))
+        times["slim_measure"].append(_measure(models["slim"], batch))
     medians = {kind: statistics.median(values) for kind, values in times.items()}
     del models
     result = {f"step_seconds_{kind}": medians[kind] for kind in kinds}
     for kind in ("lora", "moe_lora", "slim", "slim_token"):
         result[f"{kind}_step_vs_peft_lora"] = medians[kind] / medians["peft_lora"]
+    # the gate's base pass over a batch's prompts, once per training item and stage
+    result["gate_measure_seconds_slim"] = medians["slim_measure"]
+    result["slim_first_epoch_step_vs_peft_lora"] = (medians["slim"] + medians["slim_measure"]) / medians[
+        "peft_lora"
+    ]
     return result
+
+
+def _measure(model, batch) -> float:
+    labels = batch["input_ids"].masked_fill(_prompt(batch), -100)
+    start = time.perf_counter()
+    with fitted_gate(model, [{**batch, "labels": labels}]):
+        pass
+    return time.perf_counter() - start
 
 
 # ---- 2. generation --------------------------------------------------------------------------------

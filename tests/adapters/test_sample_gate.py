@@ -194,11 +194,16 @@ def test_a_fully_yielded_sequence_is_the_base_model_and_runs_no_expert(monkeypat
     def no_expert_work(*args, **kwargs):
         raise AssertionError("a fully yielded sequence ran expert work")
 
-    for name in ("route", "_experts_dense", "_experts_sparse"):
-        monkeypatch.setattr(MixtureLinear, name, no_expert_work)
+    for name in ("route", "_experts_dense", "_experts_sparse", "_sample_signal"):
+        monkeypatch.setattr(MixtureLinear, name, no_expert_work)  # not even the per-token check
     monkeypatch.setattr("forgetless.adapters.slim.inference_update", no_expert_work)
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids).logits, base(input_ids=ids).logits, rtol=0, atol=0)
+        out = model(input_ids=ids, use_cache=True)  # and cached decoding steps after the prefill
+        step = {"input_ids": torch.tensor([[7]]), "attention_mask": torch.ones(1, ids.shape[1] + 1)}
+        expected = base(input_ids=torch.cat([ids, step["input_ids"]], dim=1)).logits[:, -1]
+        got = model(**step, past_key_values=out.past_key_values).logits[:, -1]
+        torch.testing.assert_close(got, expected)
     monkeypatch.undo()
     set_inference_options(model, yield_threshold=1e9)  # nobody yields: the experts change the output
     with torch.no_grad():

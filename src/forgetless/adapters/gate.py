@@ -212,6 +212,7 @@ class SequenceGate:
         self.prefix_ids = list(prefix_ids)
         self.suffix_ids = list(suffix_ids)
         self.scores: Tensor | None = None  # (B,) gate score of every running sequence
+        self._all_yield: tuple[Tensor, float, torch.dtype, bool] | None = None
         self.stages: Tensor | None = None  # (B,) its nearest training stage (stage_experts)
 
     def reorder(self, index: Tensor) -> None:
@@ -234,6 +235,19 @@ class SequenceGate:
                 "after cache.reorder_cache(index) call forgetless.adapters.reorder_sequence_state(model, index)"
             )
         return self.scores
+
+    def all_yield(self, threshold: float, dtype: torch.dtype) -> bool:
+        """Whether every running sequence yields fully (its score, in ``dtype``, reaches
+        ``threshold``): decided once per set of sequences, so that each layer of each decoding
+        step reads one cached answer instead of recomputing it."""
+        scores = self.scores
+        if scores is None:
+            return False
+        cached = self._all_yield
+        if cached is None or cached[0] is not scores or cached[1] != threshold or cached[2] != dtype:
+            cached = (scores, threshold, dtype, not bool((scores.to(dtype) < threshold).any()))
+            self._all_yield = cached
+        return cached[3]
 
     def row_stages(self, batch: int) -> Tensor:
         """(B,) nearest stage of the running sequences (checked like ``row_scores``)."""

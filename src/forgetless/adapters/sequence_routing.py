@@ -56,6 +56,19 @@ class SequenceRouting:
             stage = gate.row_stages(batch)[:, None].expand(batch, length).reshape(-1)
         return signal, (None if bool(active.all()) else active), stage
 
+    def _all_sequences_yield(self, x: Tensor) -> bool:
+        """At inference with the sample gate: every running sequence yields fully, so this layer
+        is its base layer (what ``forward`` finds token by token, without the work). x: (B, L, d)
+        or (L, d); a batch that does not match the running sequences takes the checked path."""
+        if self.training or self.recorder is not None or self.gate_moments is None:
+            return False
+        gate = self.context.gate
+        if gate is None or not self.config.uses_sample_gate or gate.scores is None:
+            return False
+        if gate.scores.shape[0] != (x.shape[0] if x.dim() > 2 else 1):
+            return False
+        return gate.all_yield(self.config.yield_threshold, self.lora_A.dtype)
+
     @torch.no_grad()
     def _measure_prompt(self, x: Tensor) -> None:
         """Gate pass: pool the calibrated distance of the prompt's content tokens per sequence to

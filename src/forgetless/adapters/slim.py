@@ -284,6 +284,8 @@ class MixtureLinear(SequenceRouting, AdapterLayer):
             if self.gate_moments is not None:
                 self._measure_prompt(x)
             return result
+        if self._all_sequences_yield(x):  # the base model, decided once per set of sequences
+            return result
         leading = x.shape[:-1]
         tokens = x.reshape(-1, self.in_features).to(self.lora_A.dtype)
         token_mask = self.context.token_mask(leading)

@@ -107,7 +107,7 @@ def bench_steps(base, repeats: int, batch_size: int, seq_len: int) -> dict[str, 
     batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
     kinds = ["peft_lora", "lora", "moe_lora", "slim", "slim_token"]
     models = {kind: _variant(base, kind) for kind in kinds}
-    for kind in kinds:  # warm-up: allocator, first-batch cluster initialisation
+    for kind in kinds:  # warm-up: allocator (SLIM's clusters initialise in the first _measure)
         _step(models[kind], batch, kind != "peft_lora")
     times: dict[str, list[float]] = {kind: [] for kind in [*kinds, "slim_measure"]}
     for round_index in range(repeats):

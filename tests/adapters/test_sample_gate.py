@@ -205,6 +205,12 @@ def test_a_fully_yielded_sequence_is_the_base_model_and_runs_no_expert(monkeypat
         got = model(**step, past_key_values=out.past_key_values).logits[:, -1]
         torch.testing.assert_close(got, expected)
     monkeypatch.undo()
+    with torch.no_grad():  # a threshold changed between prefill and decoding applies at once
+        out = model(input_ids=ids, use_cache=True)
+        set_inference_options(model, yield_threshold=1e9)
+        got = model(**step, past_key_values=out.past_key_values).logits[:, -1]
+        assert not torch.allclose(got, expected)
+        set_inference_options(model, yield_threshold=-1e9)
     set_inference_options(model, yield_threshold=1e9)  # nobody yields: the experts change the output
     with torch.no_grad():
         assert not torch.allclose(model(input_ids=ids).logits, base(input_ids=ids).logits)

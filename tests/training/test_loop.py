@@ -265,3 +265,46 @@ def test_metrics_go_to_tensorboard_when_installed(tokenizer, tmp_path, monkeypat
     assert written[0] == ("open", str(tmp_path / "tensorboard"), 1)
     assert ("train/loss", 1) in written and ("train/loss", 2) in written and ("train/lr", 2) in written
     assert written[-1] == ("close",)
+
+
+def test_a_sample_gate_measures_each_trained_prompt_once_before_the_steps(tokenizer, monkeypatch):
+    """SLIM's gate statistics after two epochs equal one measurement of the first epoch's
+    micro-batches; the gate's base pass runs once per such micro-batch and never in a step; with
+    max_steps shorter than an epoch only the micro-batches trained on are measured."""
+    from forgetless.adapters import adapter_layers, fitted_gate
+    from forgetless.adapters.gate import SequenceGate
+    from forgetless.data.batching import collate
+
+    examples = _encoded(tokenizer)  # 16 examples: 4 micro-batches of 4 an epoch
+    config = _config(epochs=2)
+    passes: list[int] = []
+    original = SequenceGate._base_pass
+
+    def counted(self, model, context, kwargs, inputs, content):
+        passes.append(inputs.shape[0])
+        return original(self, model, context, kwargs, inputs, content)
+
+    monkeypatch.setattr(SequenceGate, "_base_pass", counted)
+    model = _lora_model(kind="slim")
+    train_model(model, examples, config, lr=1e-2, pad_id=tokenizer.pad_token_id)
+    assert passes == [4, 4, 4, 4]
+    assert not next(iter(adapter_layers(model).values())).context.gate_fitted
+
+    reference = _lora_model(kind="slim")
+    lengths = [len(example) for example in examples]
+    batches = [
+        collate([examples[i] for i in rows], tokenizer.pad_token_id)
+        for rows in loop_module.epoch_batches(lengths, config, 0)
+    ]
+    with fitted_gate(reference, batches):
+        pass
+
+    def gate_buffers(m):
+        return {name: t for name, t in m.named_buffers() if "clusters" in name or "moments" in name}
+
+    assert gate_buffers(reference)
+    for name, tensor in gate_buffers(reference).items():
+        assert torch.equal(gate_buffers(model)[name], tensor), name
+    passes.clear()
+    train_model(_lora_model(kind="slim"), examples, _config(max_steps=2), lr=1e-2, pad_id=tokenizer.pad_token_id)
+    assert passes == [4, 4]

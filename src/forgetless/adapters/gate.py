@@ -212,7 +212,7 @@ class SequenceGate:
         self.prefix_ids = list(prefix_ids)
         self.suffix_ids = list(suffix_ids)
         self.scores: Tensor | None = None  # (B,) gate score of every running sequence
-        self._all_yield: tuple[Tensor, float, torch.dtype, bool] | None = None
+        self._all_yield: tuple[Tensor, int, float, torch.dtype, bool] | None = None
         self.stages: Tensor | None = None  # (B,) its nearest training stage (stage_experts)
 
     def reorder(self, index: Tensor) -> None:
@@ -243,11 +243,11 @@ class SequenceGate:
         scores = self.scores
         if scores is None:
             return False
+        key = (scores, scores._version, threshold, dtype)
         cached = self._all_yield
-        if cached is None or cached[0] is not scores or cached[1] != threshold or cached[2] != dtype:
-            cached = (scores, threshold, dtype, not bool((scores.to(dtype) < threshold).any()))
-            self._all_yield = cached
-        return cached[3]
+        if cached is None or cached[0] is not scores or cached[1:] != key[1:]:
+            self._all_yield = cached = (*key, not bool((scores.to(dtype) < threshold).any()))
+        return cached[4]
 
     def row_stages(self, batch: int) -> Tensor:
         """(B,) nearest stage of the running sequences (checked like ``row_scores``)."""
@@ -325,10 +325,13 @@ def fitted_gate(model: nn.Module, batches: Iterable[dict[str, Tensor]], measure:
     With ``measure``, every micro-batch of ``batches`` (``input_ids``, ``attention_mask`` and
     ``labels`` as collated for training; the prompt is the part before a row's first label) runs
     the gate's base pass in train mode, so the clusters and moments of every sample-gated layer
-    learn exactly as the first epoch's training forwards would teach them. Inside the block,
-    training forwards of ``model`` skip the base pass. ``measure=False`` (a resumed stage, whose
-    checkpoint holds the measured statistics) only skips. Yields the number of prompts measured;
-    a no-op (0) for models without the gate.
+    learn as the first epoch's training forwards would teach them (exactly, in one process at
+    full precision, tested; under mixed precision the measurement runs in the weights' own
+    precision, as inference does; under ``accelerate launch`` every process measures every row,
+    so all hold the same statistics). Inside the block, training forwards of ``model`` skip the
+    base pass. ``measure=False`` (a resumed stage, whose checkpoint holds the measured
+    statistics) only skips. Yields the number of prompts measured; a no-op (0) for models
+    without the gate. Nested blocks restore the outer block's state.
     """
     from forgetless.adapters.inject import gated_modules
 
@@ -346,13 +349,14 @@ def fitted_gate(model: nn.Module, batches: Iterable[dict[str, Tensor]], measure:
         finally:
             for module, training in states.items():
                 module.training = training
+    before = [context.gate_fitted for _, context in owners]
     for _, context in owners:
         context.gate_fitted = True
     try:
         yield measured
     finally:
-        for _, context in owners:
-            context.gate_fitted = False
+        for (_, context), fitted in zip(owners, before):
+            context.gate_fitted = fitted
 
 
 def _contexts(model: nn.Module) -> list:

@@ -42,7 +42,8 @@ class SequenceRouting:
 
         In training every sequence reaches the current experts: training data is in-domain by
         definition, and a new task's prompts, far from the earlier tasks', must not yield before
-        they are learned (the gate pass still runs, so the clusters and moments learn them).
+        they are learned (the clusters and moments still learn them, from the gate's base pass:
+        ``fitted_gate`` in our loop, every training forward in a loop of one's own).
         """
         if self.gate_moments is None or not self.config.uses_sample_gate or self.training:
             return None, None, None

@@ -334,15 +334,19 @@ class MixtureLinear(SequenceRouting, AdapterLayer):
     def _sparse_pays(self, tokens: Tensor) -> bool:
         """Whether the per-expert sparse path beats one dense product over all experts.
 
-        Never on CPU: there the dense product was faster at every size measured, with and without
-        autograd (benchmarks/expert_paths.py, results in benchmarks/results/expert_paths.json):
-        the per-expert gathers, small matmuls and scatter cost more than the experts' FLOPs they
-        save. On accelerators, from ``_SPARSE_MIN_TOKENS`` tokens on (not measured here).
+        Not on CPU while each token uses at least a quarter of the experts (SLIM's and MoE-LoRA's
+        top-2 of 8): there the dense product was faster at every size measured, 64 to 2048
+        tokens, with and without autograd (benchmarks/expert_paths.py, results in
+        benchmarks/results/expert_paths.json): the per-expert gathers, small matmuls and scatter
+        cost more than the experts' FLOPs they save. Sparser mixtures (not measured) and
+        accelerators (not measured here) go sparse from ``_SPARSE_MIN_TOKENS`` tokens on.
         """
         config = self.config
         if config.top_k >= config.num_experts and config.top_p is None:
             return False  # every expert runs on every token: nothing to skip
-        return tokens.device.type != "cpu" and tokens.shape[0] >= _SPARSE_MIN_TOKENS
+        if tokens.device.type == "cpu" and config.num_experts <= 4 * config.top_k:
+            return False
+        return tokens.shape[0] >= _SPARSE_MIN_TOKENS
 
     def _use_inference_plan(self, tokens: Tensor) -> bool:
         """Few tokens at inference without autograd or diagnostics: the folded path (inference.py)."""

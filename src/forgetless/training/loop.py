@@ -13,6 +13,10 @@ Order of one optimizer step (read top to bottom in ``train_model``):
    ``before_step`` (gradient projection); clip; step; its ``after_step`` (weight averaging);
 5. metrics line (JSONL, TensorBoard when installed, progress bar) and, every
    ``checkpoint_every`` steps, a resumable checkpoint (``checkpoint.py``).
+
+Before the first step, a model with SLIM's sample-level gate measures the prompts the stage
+trains on, once each (``forgetless.adapters.fitted_gate``); its steps then run no gate pass.
+The measurement's time is not part of the steps' ``seconds``.
 """
 
 from __future__ import annotations
@@ -246,13 +250,15 @@ def train_model(
     wrapped.train()
     try:
         cuda_devices = [torch.cuda.current_device()] if device.type == "cuda" else []
-        # a sample-level gate measures each training prompt once, in the first epoch's order,
-        # before the first step (a resumed stage's checkpoint holds what it measured)
+        # a sample-level gate measures each prompt the stage trains on once, in the first epoch's
+        # order, before the first step (a resumed stage's checkpoint holds what it measured)
+        trained = min(total, steps_per_epoch) * config.grad_accum
         first_epoch = (
             {key: value.to(device) for key, value in collate([examples[i] for i in rows], pad_id).items()}
-            for rows in epoch_batches(lengths, config, 0)
+            for rows in epoch_batches(lengths, config, 0)[:trained]
         )
         with torch.random.fork_rng(devices=cuda_devices), fitted_gate(model, first_epoch, not resumed):
+            window_start = time.perf_counter()  # the metrics' first window starts after the measurement
             for step in range(state.step, total):
                 started = time.perf_counter()
                 step_lr = lr * lr_factor(step, total, config.warmup_ratio, config.scheduler)

@@ -89,7 +89,7 @@ def _demo_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
-@command("demo", "the built-in experiment on the embedded default model (about 13 minutes on 2 CPU cores)", _demo_args,
+@command("demo", "the built-in experiment on the embedded default model (about 8 minutes on 2 CPU cores)", _demo_args,
          epilog="examples:\n  forgetless demo\n  forgetless demo --print-config > my.yaml")  # fmt: skip
 def cmd_demo(args: argparse.Namespace) -> int:
     from importlib.resources import files

@@ -316,7 +316,9 @@ def test_fitted_gate_learns_what_training_forwards_teach_and_then_skips_the_base
     reference, _ = load_model("tiny-llama", seed=0)
     inject_adapters(reference, AdapterConfig.slim(r=4, num_experts=3), tokenizer=tokenizer)
     formatter = PromptFormatter(tokenizer)
-    encoded = [formatter.encode(Example(prompt=text, answer=f"answer {i}")) for i, text in enumerate(TRAIN_TEXTS)]
+    encoded = [
+        formatter.encode(Example(prompt=text, answer=f"answer {i}")) for i, text in enumerate(TRAIN_TEXTS)
+    ]
     batches = [collate(encoded[i : i + 2], tokenizer.pad_token_id) for i in (0, 2)]
     reference.train()
     with torch.no_grad():  # the first epoch's training forwards, learning in the forward
@@ -348,6 +350,10 @@ def test_fitted_gate_is_a_no_op_without_the_gate():
 
     model, tokenizer = load_model("tiny-llama", seed=0)
     inject_adapters(model, AdapterConfig.moe_lora(r=4))
-    batch = {"input_ids": torch.tensor([[1, 2]]), "attention_mask": torch.ones(1, 2), "labels": torch.tensor([[-100, 2]])}
+    batch = {
+        "input_ids": torch.tensor([[1, 2]]),
+        "attention_mask": torch.ones(1, 2),
+        "labels": torch.tensor([[-100, 2]]),
+    }
     with fitted_gate(model, iter([batch])) as measured:
         assert measured == 0

@@ -306,5 +306,7 @@ def test_a_sample_gate_measures_each_trained_prompt_once_before_the_steps(tokeni
     for name, tensor in gate_buffers(reference).items():
         assert torch.equal(gate_buffers(model)[name], tensor), name
     passes.clear()
-    train_model(_lora_model(kind="slim"), examples, _config(max_steps=2), lr=1e-2, pad_id=tokenizer.pad_token_id)
+    train_model(
+        _lora_model(kind="slim"), examples, _config(max_steps=2), lr=1e-2, pad_id=tokenizer.pad_token_id
+    )
     assert passes == [4, 4]

@@ -279,7 +279,12 @@ class SequenceGate:
         self.scores, self.stages = self._base_pass(model, context, kwargs, inputs, content)
 
     def measure(
-        self, model: nn.Module, context, input_ids: Tensor, attention_mask: Tensor, prompt: Tensor  # noqa: ANN001
+        self,
+        model: nn.Module,
+        context,  # noqa: ANN001
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        prompt: Tensor,
     ) -> None:
         """The base pass of ``before_forward`` for whole sequences given outside a forward:
         (B, L) token ids, their attention mask and prompt mask (``fitted_gate``)."""
@@ -319,7 +324,9 @@ class SequenceGate:
 
 
 @contextmanager
-def fitted_gate(model: nn.Module, batches: Iterable[dict[str, Tensor]], measure: bool = True) -> Iterator[int]:
+def fitted_gate(
+    model: nn.Module, batches: Iterable[dict[str, Tensor]], measure: bool = True
+) -> Iterator[int]:
     """Measure a stage's training prompts once, then train without the per-forward base pass.
 
     With ``measure``, every micro-batch of ``batches`` (``input_ids``, ``attention_mask`` and

@@ -292,6 +292,12 @@ def test_folded_inference_path_equals_the_general_path(batch, config):
     with torch.no_grad():  # the folded path (inference.py)
         folded = model(**batch).logits
     torch.testing.assert_close(folded, general, atol=1e-5, rtol=1e-5)
+    for position in range(batch["input_ids"].shape[1]):  # one token: only its chosen experts run
+        one = {"input_ids": batch["input_ids"][:1, position : position + 1]}
+        with torch.enable_grad():
+            general = model(**one).logits.detach()
+        with torch.no_grad():
+            torch.testing.assert_close(model(**one).logits, general, atol=1e-5, rtol=1e-5)
 
 
 def test_diagnostics_count_only_real_and_selected_tokens(tiny, batch):

@@ -286,8 +286,8 @@ def test_a_sample_gate_measures_each_trained_prompt_once_before_the_steps(tokeni
 
     monkeypatch.setattr(SequenceGate, "_base_pass", counted)
     model = _lora_model(kind="slim")
-    train_model(model, examples, config, lr=1e-2, pad_id=tokenizer.pad_token_id)
-    assert passes == [4, 4, 4, 4]
+    summary = train_model(model, examples, config, lr=1e-2, pad_id=tokenizer.pad_token_id)
+    assert passes == [4, 4, 4, 4] and summary.gate_seconds > 0
     assert not next(iter(adapter_layers(model).values())).context.gate_fitted
 
     reference = _lora_model(kind="slim")

@@ -16,7 +16,7 @@ Order of one optimizer step (read top to bottom in ``train_model``):
 
 Before the first step, a model with SLIM's sample-level gate measures the prompts the stage
 trains on, once each (``forgetless.adapters.fitted_gate``); its steps then run no gate pass.
-The measurement's time is not part of the steps' ``seconds``.
+The measurement's time is reported as ``gate_seconds``, not in the steps' ``seconds``.
 """
 
 from __future__ import annotations
@@ -67,6 +67,9 @@ class TrainSummary:
     tokens_per_s: float
     lr: float
     resumed_from_step: int | None = None
+    #: seconds the sample-level gate spent measuring the stage's prompts before the first step
+    #: (``fitted_gate``; 0 without the gate or on resume), not part of ``seconds``
+    gate_seconds: float = 0.0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -257,8 +260,13 @@ def train_model(
             {key: value.to(device) for key, value in collate([examples[i] for i in rows], pad_id).items()}
             for rows in epoch_batches(lengths, config, 0)[:trained]
         )
-        with torch.random.fork_rng(devices=cuda_devices), fitted_gate(model, first_epoch, not resumed):
+        measuring = time.perf_counter()
+        with (
+            torch.random.fork_rng(devices=cuda_devices),
+            fitted_gate(model, first_epoch, not resumed) as measured,
+        ):
             window_start = time.perf_counter()  # the metrics' first window starts after the measurement
+            gate_seconds = window_start - measuring if measured else 0.0
             for step in range(state.step, total):
                 started = time.perf_counter()
                 step_lr = lr * lr_factor(step, total, config.warmup_ratio, config.scheduler)
@@ -366,4 +374,5 @@ def train_model(
         tokens_per_s=state.tokens / max(state.seconds, 1e-9),
         lr=lr,
         resumed_from_step=start_step if resumed else None,
+        gate_seconds=round(gate_seconds, 3),
     )

@@ -255,10 +255,10 @@ def train_model(
         cuda_devices = [torch.cuda.current_device()] if device.type == "cuda" else []
         # a sample-level gate measures each prompt the stage trains on once, in the first epoch's
         # order, before the first step (a resumed stage's checkpoint holds what it measured)
-        trained = min(total, steps_per_epoch) * config.grad_accum
         first_epoch = (
             {key: value.to(device) for key, value in collate([examples[i] for i in rows], pad_id).items()}
-            for rows in epoch_batches(lengths, config, 0)[:trained]
+            for step in range(min(total, steps_per_epoch))
+            for rows in micro_batches(step)
         )
         measuring = time.perf_counter()
         with (

@@ -1,4 +1,4 @@
-"""The demo's batch size and learning rate, chosen on validation data by a rule written before it ran.
+"""The demo's training settings (batch, learning rate, items, epochs), chosen on validation data by rules written before they ran.
 
     python benchmarks/demo_settings.py [--out FILE]
 
@@ -28,6 +28,21 @@ zorbian 26-30% on the test items of a timing run. The same data in more, smaller
 tried on zorbian's validation items alone: seq_lora at lr 2e-3 reached 92% at batch 4 and 100% at
 batch 2 (SLIM 100% at batch 2), so the second rule searches the batch size.
 
+That second rule (its JSON is ``benchmarks/results/demo_settings_rule2.json``) found no
+candidate at 85%: batch 2 at lr 2e-3 had the highest minimum, seq_lora 62% on kelvar_dates, and
+the demo took it. On its test items every kelvar error of seq_lora (19) and SLIM (22) was the month
+name alone (day and year always right), and the 48 training items show each of the 12 invented
+months 2-7 times. So the third rule, written down before it ran (2026-12-07), keeps the demo's
+cost (48 optimizer steps a stage at batch 2, lr 2e-3) and spends it on more distinct items instead
+of a second pass over the same ones:
+
+- candidate A, the incumbent: 48 items, 2 epochs; candidate B: 96 items, 1 epoch; candidate C,
+  run only if B's minimum is below 85%: 96 items, 1 epoch, lr 3e-3;
+- all are scored on the same validation items: each task's training items that neither draw uses
+  (the 96-item draw holds the 48-item one, so 54 items per task);
+- the candidate with the highest minimum over (method, task) is taken, the incumbent on a tie; the
+  target counts as met when that minimum is at least 85%.
+
 JSON (default ``benchmarks/results/demo_settings.json``): per candidate and method, the
 validation score of every task after its stage and the seconds; then the decision.
 """
@@ -51,38 +66,46 @@ from stage_experts import validation_tasks
 ROOT = Path(__file__).resolve().parent
 MODEL = "smollm2-135m-instruct"
 TASKS = ["zorbian_topics", "kelvar_dates", "glorp_arithmetic"]
-TRAIN_ITEMS, SEED = 48, 0
-TRAIN = {"epochs": 2, "max_length": 96, "seed": SEED, "progress": False}
-CANDIDATES = [(4, 2e-3), (4, 4e-3), (2, 2e-3)]  # (batch size, learning rate), cheapest first
+SEED = 0
+TRAIN = {"max_length": 96, "seed": SEED, "progress": False, "batch_size": 2}
+# (training items per task, epochs, learning rate); "C" runs only when "B" misses the target
+CANDIDATES = {"A": (48, 2, 2e-3), "B": (96, 1, 2e-3), "C": (96, 1, 3e-3)}
 METHODS = {"seq_lora": ("sequential_lora", {"r": 16, "alpha": 32}), "slim": ("slim", {})}
 TARGET = 0.85
-HELD_OUT = 60
 
 
-def demo_tasks() -> tuple[list[Task], list[Task]]:
-    """The demo's training tasks (48 items each) and their held-out training items as test sets
-    (``stage_experts.validation_tasks``, HELD_OUT of them)."""
-    train = [get_task(name).limited(TRAIN_ITEMS, None, SEED) for name in TASKS]
-    unused, _ = validation_tasks({"tasks": TASKS, "limits": {"train": TRAIN_ITEMS}, "seed": SEED})
-    return train, [task.limited(None, HELD_OUT, SEED) for task in unused]
+def held_out_tasks() -> list[Task]:
+    """Each task's training items that no candidate trains on (``stage_experts.validation_tasks``
+    for the largest draw, which holds the smaller ones), as test sets."""
+    largest = max(items for items, _, _ in CANDIDATES.values())
+    for items, _, _ in CANDIDATES.values():
+        for name in TASKS:
+            task = get_task(name)
+            small, large = task.limited(items, None, SEED).train, task.limited(largest, None, SEED).train
+            assert set(small) <= set(large), (
+                f"the {items}-item draw of {name} is not in the {largest}-item one"
+            )
+    unused, _ = validation_tasks({"tasks": TASKS, "limits": {"train": largest}, "seed": SEED})
+    return unused
 
 
-def score_method(
-    strategy: str, params: dict, batch: int, lr: float, train: list[Task], held: list[Task]
-) -> dict:
+def score_method(strategy: str, params: dict, candidate: tuple, held: list[Task]) -> dict:
+    items, epochs, lr = candidate
+    train = [get_task(name).limited(items, None, SEED) for name in TASKS]
     scores: dict[str, float] = {}
 
     def on_stage_end(stage: int, model, tokenizer) -> None:  # noqa: ANN001
         result = evaluate_tasks(model, tokenizer, [held[stage]], batch_size=32, seed=SEED)
         scores[held[stage].name] = result[held[stage].name].score
         print(
-            f"  {strategy} batch {batch} lr {lr:g}: {held[stage].name} {scores[held[stage].name]:.3f}",
+            f"  {strategy} {items} items x {epochs} epochs, lr {lr:g}: {held[stage].name} "
+            f"{scores[held[stage].name]:.3f}",
             flush=True,
         )
 
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as folder:
-        settings = {**TRAIN, "batch_size": batch, "lr": lr}
+        settings = {**TRAIN, "epochs": epochs, "lr": lr}
         run_strategy(strategy, params, MODEL, train, settings, folder, on_stage_end=on_stage_end)
     return {"validation": scores, "seconds": round(time.perf_counter() - start, 1)}
 
@@ -95,22 +118,21 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "demo_settings.json")
     args = parser.parse_args(argv)
-    train, held = demo_tasks()
+    held = held_out_tasks()
     print("validation items:", {t.name: len(t.test) for t in held}, flush=True)
     results: dict[str, dict] = {}
-    chosen = None
-    for batch, lr in CANDIDATES:
-        key = f"batch {batch}, lr {lr:g}"
-        results[key] = {name: score_method(s, p, batch, lr, train, held) for name, (s, p) in METHODS.items()}
-        if lowest(results[key]) >= TARGET:
-            chosen = key
+    for key, candidate in CANDIDATES.items():
+        if key == "C" and lowest(results["B"]) >= TARGET:
             break
+        results[key] = {name: score_method(s, p, candidate, held) for name, (s, p) in METHODS.items()}
     minimum = {key: lowest(by_method) for key, by_method in results.items()}
+    chosen = max(minimum, key=minimum.get)  # the first of equals: the incumbent A on a tie
     decision = {
+        "candidates": {key: dict(zip(("items", "epochs", "lr"), c)) for key, c in CANDIDATES.items()},
         "minimum": minimum,
-        "chosen": chosen or max(minimum, key=minimum.get),
-        "target_met": chosen is not None,
-        "rule": f"the cheapest candidate with every validation score >= {TARGET}",
+        "chosen": chosen,
+        "target_met": minimum[chosen] >= TARGET,
+        "rule": f"the highest minimum over (method, task), A on a tie; met when >= {TARGET}",
     }
     out = {"results": results, "decision": decision}
     print(json.dumps(out, indent=1))

@@ -53,7 +53,9 @@ def test_balance_counts_only_the_experts_a_token_takes():
     weights, chosen = select_experts(logits, 2, 0.5)
     p0 = torch.softmax(logits, dim=1)[:, 0].mean()
     # every taken slot is expert 0: f = (1, 0), so the loss is 2 * p0
-    assert layer._load_balance(logits, weights, chosen, None).item() == pytest.approx(2 * p0.item(), rel=1e-6)
+    assert layer._balance_term(logits, weights, chosen, None, 1).item() == pytest.approx(
+        2 * p0.item(), rel=1e-6
+    )
 
 
 def test_top_p_is_refused_for_plain_lora():

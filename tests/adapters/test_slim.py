@@ -187,7 +187,7 @@ def test_l1_and_balance_on_hand_examples():
     chosen = torch.tensor([[0], [0]])
     p0 = (0.5 + torch.e / (1 + torch.e)) / 2
     weights = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
-    assert layer._load_balance(logits, weights, chosen, None).item() == pytest.approx(
+    assert layer._balance_term(logits, weights, chosen, None, 1).item() == pytest.approx(
         2 * (1.0 * p0), rel=1e-6
     )
 
@@ -276,8 +276,9 @@ def test_sparse_and_dense_expert_paths_agree_with_gradients(top_p):
         AdapterConfig.slim(r=4, distance_reduction="mean", distance_calibration="none"),
         AdapterConfig.moe_lora(r=4),
         AdapterConfig.moe_lora(r=4, top_k=8, top_p=0.6),
+        AdapterConfig.moe_lora(r=4, top_k=8, balance_form="localized"),
     ],
-    ids=["slim-masked", "slim-quantile-zscore", "slim-mean-none", "moe_lora", "mixlora_dy"],
+    ids=["slim-masked", "slim-quantile-zscore", "slim-mean-none", "moe_lora", "mixlora_dy", "loramoe"],
 )
 def test_folded_inference_path_equals_the_general_path(batch, config):
     model, _ = load_model("tiny-llama", seed=0)
@@ -296,8 +297,8 @@ def test_folded_inference_path_equals_the_general_path(batch, config):
         one = {"input_ids": batch["input_ids"][:1, position : position + 1]}
         with torch.enable_grad():
             general = model(**one).logits.detach()
-        with torch.no_grad():
-            torch.testing.assert_close(model(**one).logits, general, atol=1e-5, rtol=1e-5)
+        with torch.no_grad():  # float32 summation order: all 8 experts on a token differ by ~2e-5
+            torch.testing.assert_close(model(**one).logits, general, atol=5e-5, rtol=1e-5)
 
 
 def test_diagnostics_count_only_real_and_selected_tokens(tiny, batch):

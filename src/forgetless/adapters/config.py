@@ -192,6 +192,15 @@ class AdapterConfig(BaseModel):
     balance_weight: float | None = Field(
         None, ge=0, description="weight of the load-balancing loss over LoRA experts (moe_lora, slim: 0.01)"
     )
+    balance_form: Literal["load", "localized"] = Field(
+        "load",
+        description="the balance loss: load (Switch / MixLoRA: expert use times router probability) or "
+        "localized (LoRAMoE's localized balancing constraint over two halves of the experts, "
+        "regularisers.py); needs an even num_experts",
+    )
+    balance_delta: float = Field(
+        0.1, ge=0, lt=1, description="localized balance: the coefficient's spread delta (LoRAMoE: 0.1)"
+    )
     train_experts: bool = Field(
         True, description="train the LoRA experts; false keeps them frozen and trains only the router"
     )
@@ -241,6 +250,16 @@ class AdapterConfig(BaseModel):
             raise ValueError(
                 "stage_experts per_task needs the sample-level gate with per-task statistics to pick a "
                 "prompt's stage; set yield_pooling: sample and gate_statistics: per_task, or stage_experts: shared"
+            )
+        if self.balance_form == "localized" and (self.num_experts < 2 or self.num_experts % 2):
+            raise ValueError(
+                f"balance_form localized splits the LoRA experts in two halves; num_experts is "
+                f"{self.num_experts}, use an even number of at least 2"
+            )
+        if self.balance_form == "localized" and self.uses_sample_gate:
+            raise ValueError(
+                "balance_form localized sums routing over whole sequences, which the sample-level gate "
+                "splits; use balance_form load with yield_pooling sample"
             )
         total = self.num_experts + self.num_identity_experts
         if self.top_k > total:

@@ -10,7 +10,8 @@ order of the method:
 5. ``y = W x + b + sum_{e in top-K, LoRA} w_e s B'_e A'_e x``          (``forward``)
 6. dynamic merging: structured DARE masks ``A', B'``, rescale, lambda  (``expert_factors``)
 7. L1 penalty on A and B                                              (``l1_penalty``)
-8. load-balancing loss over LoRA experts (MixLoRA)                    (``balance_loss``)
+8. load-balancing loss over LoRA experts (MixLoRA), or LoRAMoE's      (``balance_loss``)
+   localized balancing constraint                                     (regularisers.py)
 
 The same class is the MixLoRA-style ``moe_lora`` baseline (no identity experts, no yielding, no
 masking): the kinds differ only in their config defaults. All experts are computed at once as one
@@ -32,6 +33,7 @@ from forgetless.adapters.gate import GateStatistics, RunningMoments
 from forgetless.adapters.inference import InferencePlan, build_plan, inference_update
 from forgetless.adapters.masking import masked_experts, structured_dare_masks
 from forgetless.adapters.pooling import PromptPool
+from forgetless.adapters.regularisers import l1_penalty, load_balance, localized_balance
 from forgetless.adapters.selection import select_experts, taken_slots
 from forgetless.adapters.sequence_routing import SequenceRouting
 from forgetless.adapters.stages import StageExperts
@@ -326,7 +328,8 @@ class MixtureLinear(SequenceRouting, AdapterLayer):
         else:
             update = self._experts_dense(inputs, weights, a, b, scales)
         if self.training and self.config.balance_weight > 0:
-            self._balance = self._load_balance(logits, weights, chosen, token_mask)
+            rows = leading[:-1].numel() if len(leading) > 1 else 1
+            self._balance = self._balance_term(logits, weights, chosen, token_mask, rows)
         if self.recorder is not None:
             self.recorder(self, weights.detach(), chosen, distance, token_mask)
         return update
@@ -410,30 +413,19 @@ class MixtureLinear(SequenceRouting, AdapterLayer):
         outputs = torch.cat([part @ b_experts[e] for e, part in zip(experts, hidden)])
         return update.index_add_(0, token_of, outputs)
 
-    # ---- 7-8. regularisers ----------------------------------------------------------------------
+    # ---- 7-8. regularisers (regularisers.py) ----------------------------------------------------
 
     def l1_penalty(self) -> Tensor:
-        rank = self.config.r
-        return self.lora_B.abs().sum() / (rank * self.out_features) + self.lora_A.abs().sum() / (
-            rank * self.in_features
-        )
+        return l1_penalty(self.lora_A, self.lora_B)
 
-    def _load_balance(
-        self, logits: Tensor, weights: Tensor, chosen: Tensor, token_mask: Tensor | None
+    def _balance_term(
+        self, logits: Tensor, weights: Tensor, chosen: Tensor, token_mask: Tensor | None, rows: int
     ) -> Tensor:
-        """``E_l sum_e f_e P_e`` over LoRA experts (Switch / MixLoRA): f_e = share of LoRA slots
-        given to e, P_e = mean router probability of e; 1 when perfectly balanced."""
-        num_lora = self.config.num_experts
-        if token_mask is not None:
-            logits, weights, chosen = logits[token_mask], weights[token_mask], chosen[token_mask]
-        probabilities = torch.softmax(logits[:, :num_lora].float(), dim=1).mean(dim=0)
-        lora = chosen < num_lora
-        if self.config.top_p is not None:  # only the slots the top-p cut kept
-            lora = lora & taken_slots(weights, chosen)
-        lora_slots = chosen[lora]
-        counts = torch.bincount(lora_slots, minlength=num_lora).float()
-        share = counts / counts.sum().clamp_min(1.0)
-        return num_lora * (share * probabilities).sum()
+        """The balance loss of this forward in the config's ``balance_form``."""
+        config = self.config
+        if config.balance_form == "localized":
+            return localized_balance(weights, token_mask, rows, config.num_experts, config.balance_delta)
+        return load_balance(logits, weights, chosen, token_mask, config.num_experts, config.top_p is not None)
 
     def balance_loss(self) -> Tensor | None:
         return self._balance

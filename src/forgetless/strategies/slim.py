@@ -29,9 +29,12 @@ class SLIM(Strategy):
     #: AdapterConfig fields this strategy sets unless its params do (a named variant of a kind)
     adapter_defaults: ClassVar[dict[str, Any]] = {}
 
+    def adapter_settings(self) -> dict[str, Any]:
+        """The AdapterConfig fields of this strategy's adapter: its defaults, then its params."""
+        return {**self.adapter_defaults, **self.adapter_fields}
+
     def make_engine(self) -> Engine:
-        fields = {**self.adapter_defaults, **self.adapter_fields}
-        return AdapterEngine(self.adapter_kind, fields, "continue", source=self.source)
+        return AdapterEngine(self.adapter_kind, self.adapter_settings(), "continue", source=self.source)
 
     def extra_loss(self, model: nn.Module, batch: TrainBatch | None = None) -> Tensor | None:
         from forgetless.adapters import adapter_regularization

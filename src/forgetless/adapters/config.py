@@ -99,6 +99,13 @@ class AdapterConfig(BaseModel):
         ge=0,
         description="number of identity experts E_id, which add nothing to the base layer (slim: 2)",
     )
+    layer_experts: list[int] | None = Field(
+        None,
+        min_length=1,
+        description="MoLA's layer-wise allocation: the LoRA experts of each group of layers, lowest "
+        "layers first (e.g. [2, 4, 6, 8]: the adapted layers split by depth into 4 equal groups); "
+        "each adapted module takes its group's count as its num_experts; unset: num_experts everywhere",
+    )
     top_k: int | None = Field(None, ge=1, description="experts active per token K (slim: 2)")
     top_p: float | None = Field(
         None,
@@ -217,6 +224,8 @@ class AdapterConfig(BaseModel):
         if kind not in ADAPTER_LAYERS:
             ADAPTER_LAYERS.get(kind)  # raises the did-you-mean error listing the valid kinds
         filled = dict(data)
+        if filled.get("layer_experts") and filled.get("num_experts") is None:
+            filled["num_experts"] = max(filled["layer_experts"])
         for key, value in _KIND_DEFAULTS.get(kind, _KIND_DEFAULTS["slim"]).items():
             if filled.get(key) is None:
                 filled[key] = value
@@ -261,6 +270,7 @@ class AdapterConfig(BaseModel):
                 "balance_form localized sums routing over whole sequences, which the sample-level gate "
                 "splits; use balance_form load with yield_pooling sample"
             )
+        self._check_layer_experts()
         total = self.num_experts + self.num_identity_experts
         if self.top_k > total:
             raise ValueError(f"top_k: {self.top_k} is more than the {total} experts; lower top_k")
@@ -270,6 +280,22 @@ class AdapterConfig(BaseModel):
             except re.error as error:
                 raise ValueError(f"target_modules: '{pattern}' is not a valid regex ({error})") from error
         return self
+
+    def _check_layer_experts(self) -> None:
+        if not self.layer_experts:
+            return
+        if self.kind == "lora" or min(self.layer_experts) < 1:
+            raise ValueError(
+                "layer_experts: every group needs at least 1 expert of a mixture (kind moe_lora)"
+            )
+        if self.uses_sample_gate:
+            raise ValueError(
+                "layer_experts: the sample-level gate keeps one expert layout for every layer; "
+                "unset layer_experts or use yield_pooling token"
+            )
+        fewest = min(self.layer_experts) + self.num_identity_experts
+        if self.top_k > fewest:
+            raise ValueError(f"top_k: {self.top_k} is more than the {fewest} experts of the smallest group")
 
     # ---- construction --------------------------------------------------------------------------
 
@@ -319,6 +345,28 @@ class AdapterConfig(BaseModel):
             data["target_modules"] = list(target_modules)
         return cls.from_dict(data, source=f"AdapterConfig.{kind}")
 
+    # ---- per module (MoLA) ---------------------------------------------------------------------
+
+    def for_modules(self, names: list[str]) -> list[AdapterConfig]:
+        """The config of each adapted module, in the order of ``names``: this one, or with
+        ``layer_experts`` a copy whose ``num_experts`` is the module's group's count. Groups split
+        the distinct layer numbers (the first number in a module's name; 0 without one) into
+        ``len(layer_experts)`` equal runs, lowest first."""
+        if not self.layer_experts:
+            return [self] * len(names)
+        depths = [_layer_number(name) for name in names]
+        order = {depth: rank for rank, depth in enumerate(sorted(set(depths)))}
+        groups = len(self.layer_experts)
+        counts = [self.layer_experts[order[depth] * groups // len(order)] for depth in depths]
+        copies = {count: self.model_copy(update={"num_experts": count}) for count in set(counts)}
+        return [copies[count] for count in counts]
+
+    def shared(self) -> AdapterConfig:
+        """The one config every module of an adapter came from (``for_modules`` undone)."""
+        if not self.layer_experts or self.num_experts == max(self.layer_experts):
+            return self
+        return self.model_copy(update={"num_experts": max(self.layer_experts)})
+
     # ---- derived -------------------------------------------------------------------------------
 
     @property
@@ -344,3 +392,11 @@ class AdapterConfig(BaseModel):
         identity experts where there are any. Without identity experts this is a plain
         out-of-distribution switch in front of the experts (the gate-only baseline)."""
         return self.yield_pooling == "sample"
+
+
+def _layer_number(name: str) -> int:
+    """The first number among a module name's parts (``model.layers.12.mlp.up_proj`` -> 12), else 0."""
+    for part in name.split("."):
+        if part.isdigit():
+            return int(part)
+    return 0

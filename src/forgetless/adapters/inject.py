@@ -149,9 +149,9 @@ def inject_adapters(model: nn.Module, config: AdapterConfig, tokenizer=None) -> 
 
         context.gate = SequenceGate(config.template_prefix_ids, config.template_suffix_ids)
     generator = torch.Generator().manual_seed(config.seed)
-    for index, name in enumerate(names):
+    for index, (name, module_config) in enumerate(zip(names, config.for_modules(names))):
         base = model.get_submodule(name)
-        layer = layer_class(base, config, context, generator, layer_index=index)
+        layer = layer_class(base, module_config, context, generator, layer_index=index)
         layer.train(base.training)  # a new module starts in train mode; follow the model's mode
         _set_module(model, name, layer)
     return names

@@ -151,10 +151,10 @@ def save_adapter(
     layers = adapter_layers(model)
     if not layers:
         raise InputError("the model has no adapters to save; call inject_adapters(model, config) first")
-    configs = {json.dumps(layer.config.model_dump(), sort_keys=True) for layer in layers.values()}
+    configs = {json.dumps(layer.config.shared().model_dump(), sort_keys=True) for layer in layers.values()}
     if len(configs) != 1:
         raise InputError("the model's adapters were injected with different configs; save them one at a time")
-    config = next(iter(layers.values())).config
+    config = next(iter(layers.values())).config.shared()
     state = adapter_state_dict(model)
     manifest = {
         "format": FORMAT,

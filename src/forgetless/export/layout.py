@@ -87,6 +87,11 @@ def describe(model: nn.Module) -> Layout:
         return Layout(None, {}, [], 0, [])
     configs = {layer.config.model_dump_json() for layer in layers.values()}
     first = next(iter(layers.values()))
+    if getattr(first.config, "layer_experts", None):
+        raise InputError(
+            "layer-wise expert counts (MoLA's layer_experts) have no GPU-engine export; "
+            "evaluate or serve the stage with forgetless instead"
+        )
     if len(configs) != 1 or not all(type(layer) is type(first) for layer in layers.values()):
         raise InputError(
             "the model's adapters were injected with different configs; export models with one adapter config"

@@ -43,6 +43,13 @@ of a second pass over the same ones:
 - the candidate with the highest minimum over (method, task) is taken, the incumbent on a tie; the
   target counts as met when that minimum is at least 85%.
 
+A fourth rule, written down (2026-12-07) after B's seq_lora scored 22% on kelvar_dates and before
+C's scores: more passes, not more items. Candidate D, 48 items, 3 epochs (batch 2, lr 2e-3), runs
+only when A, B and C all miss 85% (``--only D``, its own JSON); it costs 1.5x the LoRA methods'
+training. D replaces the demo's setting when its minimum over (method, task) on the same
+validation items is at least 85% and above A's, *and* a demo on a fresh clone with it still ends
+in under 10 minutes; otherwise A stays and the target is reported as not met.
+
 JSON (default ``benchmarks/results/demo_settings.json``): per candidate and method, the
 validation score of every task after its stage and the seconds; then the decision.
 """
@@ -69,7 +76,8 @@ TASKS = ["zorbian_topics", "kelvar_dates", "glorp_arithmetic"]
 SEED = 0
 TRAIN = {"max_length": 96, "seed": SEED, "progress": False, "batch_size": 2}
 # (training items per task, epochs, learning rate); "C" runs only when "B" misses the target
-CANDIDATES = {"A": (48, 2, 2e-3), "B": (96, 1, 2e-3), "C": (96, 1, 3e-3)}
+CANDIDATES = {"A": (48, 2, 2e-3), "B": (96, 1, 2e-3), "C": (96, 1, 3e-3), "D": (48, 3, 2e-3)}
+RULE_THREE = ("A", "B", "C")
 METHODS = {"seq_lora": ("sequential_lora", {"r": 16, "alpha": 32}), "slim": ("slim", {})}
 TARGET = 0.85
 
@@ -117,13 +125,15 @@ def lowest(by_method: dict[str, dict]) -> float:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "demo_settings.json")
+    parser.add_argument("--only", nargs="+", choices=list(CANDIDATES), help="run these candidates alone")
     args = parser.parse_args(argv)
     held = held_out_tasks()
     print("validation items:", {t.name: len(t.test) for t in held}, flush=True)
     results: dict[str, dict] = {}
-    for key, candidate in CANDIDATES.items():
-        if key == "C" and lowest(results["B"]) >= TARGET:
+    for key in args.only or RULE_THREE:
+        if not args.only and key == "C" and lowest(results["B"]) >= TARGET:
             break
+        candidate = CANDIDATES[key]
         results[key] = {name: score_method(s, p, candidate, held) for name, (s, p) in METHODS.items()}
     minimum = {key: lowest(by_method) for key, by_method in results.items()}
     chosen = max(minimum, key=minimum.get)  # the first of equals: the incumbent A on a tie
@@ -132,7 +142,9 @@ def main(argv: list[str] | None = None) -> int:
         "minimum": minimum,
         "chosen": chosen,
         "target_met": minimum[chosen] >= TARGET,
-        "rule": f"the highest minimum over (method, task), A on a tie; met when >= {TARGET}",
+        "rule": f"the highest minimum over (method, task), A on a tie; met when >= {TARGET}"
+        if not args.only
+        else "the fourth rule in the docstring (needs the third rule's A and a demo timing)",
     }
     out = {"results": results, "decision": decision}
     print(json.dumps(out, indent=1))

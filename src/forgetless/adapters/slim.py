@@ -29,12 +29,13 @@ from torch import Tensor, nn
 from forgetless.adapters.base import ADAPTER_LAYERS, AdapterLayer, TokenContext
 from forgetless.adapters.clustering import SlidingClusters
 from forgetless.adapters.config import AdapterConfig
+from forgetless.adapters.experts import dense_update, sparse_update
 from forgetless.adapters.gate import GateStatistics, RunningMoments
 from forgetless.adapters.inference import InferencePlan, build_plan, inference_update
 from forgetless.adapters.masking import masked_experts, structured_dare_masks
 from forgetless.adapters.pooling import PromptPool
 from forgetless.adapters.regularisers import l1_penalty, load_balance, localized_balance
-from forgetless.adapters.selection import select_experts, taken_slots
+from forgetless.adapters.selection import select_experts
 from forgetless.adapters.sequence_routing import SequenceRouting
 from forgetless.adapters.stages import StageExperts
 
@@ -373,45 +374,14 @@ class MixtureLinear(SequenceRouting, AdapterLayer):
         return self._plan[1]
 
     def _experts_dense(self, inputs: Tensor, weights: Tensor, a: Tensor, b: Tensor, scales: Tensor) -> Tensor:
-        """All experts on all tokens as one rank-(E_l r) product, weighted per token (few tokens:
-        generation). inputs: (T, d_in), weights: (T, E_l + E_id) -> (T, d_out)."""
-        num_lora, rank = self.config.num_experts, self.config.r
-        # identity experts add nothing: their weight only takes share away from the LoRA experts
-        lora_weights = weights[:, :num_lora] * scales
-        hidden = inputs @ a.T  # (T, E_l r): every expert's A x in one product
-        hidden = (hidden.view(-1, num_lora, rank) * lora_weights[:, :, None]).view(-1, num_lora * rank)
-        return hidden @ b  # (T, d_out): the weighted sum of the experts' B (A x)
+        return dense_update(inputs, weights, a, b, scales, self.config.num_experts, self.config.r)
 
     def _experts_sparse(
         self, inputs: Tensor, weights: Tensor, chosen: Tensor, a: Tensor, b: Tensor, scales: Tensor
     ) -> Tensor:
-        """Each LoRA expert only on the tokens routed to it (many tokens: training, prefill).
-
-        The (token, slot) pairs are sorted by expert so that every expert reads one contiguous
-        slice: one gather in, two matmuls per expert, one scatter-add out; K / E_l of the dense
-        work. inputs: (T, d_in), weights: (T, E_l + E_id), chosen: (T, K) -> (T, d_out).
-        """
-        num_lora, rank, top_k = self.config.num_experts, self.config.r, self.config.top_k
-        flat = chosen.reshape(-1)
-        if self.config.top_p is not None:  # slots after the top-p cut: sorted last, never run
-            flat = flat.masked_fill(~taken_slots(weights, chosen).reshape(-1), self.config.num_total_experts)
-        order = torch.argsort(flat, stable=True)  # identity experts (indices >= E_l) sort last
-        sizes = torch.bincount(flat, minlength=num_lora)[:num_lora].tolist()
-        experts = [e for e in range(num_lora) if sizes[e]]
-        update = inputs.new_zeros(inputs.shape[0], self.out_features)
-        if not experts:  # every token chose identity experts only
-            return update
-        order = order[: sum(sizes)]
-        token_of = torch.div(order, top_k, rounding_mode="floor")
-        expert_of = flat[order]
-        pair_weights = weights.gather(1, chosen).reshape(-1)[order] * scales[expert_of]
-        gathered = inputs.index_select(0, token_of).split(sizes)
-        a_experts = a.view(num_lora, rank, self.in_features)
-        b_experts = b.view(num_lora, rank, self.out_features)
-        hidden = torch.cat([gathered[e] @ a_experts[e].T for e in experts])
-        hidden = (hidden * pair_weights[:, None]).split([sizes[e] for e in experts])
-        outputs = torch.cat([part @ b_experts[e] for e, part in zip(experts, hidden)])
-        return update.index_add_(0, token_of, outputs)
+        config = self.config
+        top_p = config.top_p is not None
+        return sparse_update(inputs, weights, chosen, a, b, scales, config.num_experts, config.r, top_p)
 
     # ---- 7-8. regularisers (regularisers.py) ----------------------------------------------------
 

@@ -11,8 +11,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from transformers.utils import logging as transformers_logging
-
 from forgetless.data.task import Task
 from forgetless.errors import InputError
 from forgetless.export.calibration import CalibrationSequence, calibration_sequences, measure_weights
@@ -21,6 +19,7 @@ from forgetless.export.gap import measure_gap
 from forgetless.export.layout import Layout, describe
 from forgetless.export.targets import EXPORT_TARGETS, ExportJob
 from forgetless.io import atomic_dir, read_json, write_json
+from forgetless.models.load import quiet_transformers
 
 FORMAT = "forgetless-export"
 VERSION = 1
@@ -163,8 +162,7 @@ def export_model(
     if calibration_limit < 1:
         raise InputError(f"--calibration-limit {calibration_limit}: give at least 1 example per task")
     given = _resolve(calibration, seed) if calibration else None
-    if not os.environ.get("FORGETLESS_VERBOSE"):
-        transformers_logging.disable_progress_bar()  # one bar per save and load clutters the command
+    quiet_transformers()
     stages = None if given else _stage_tasks(spec)
     model, tokenizer = load_model_and_adapter(spec, adapter, seed=seed)
     model.eval()

@@ -53,11 +53,17 @@ def _with_pad(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
+def quiet_transformers() -> None:
+    """No transformers progress bars (one per shard on every load and save clutters every command),
+    unless FORGETLESS_VERBOSE is set."""
+    if not os.environ.get("FORGETLESS_VERBOSE"):
+        transformers_logging.disable_progress_bar()
+
+
 def _load_folder(
     folder: str | os.PathLike, dtype: torch.dtype, trust_remote_code: bool, **kwargs: object
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    if not os.environ.get("FORGETLESS_VERBOSE"):
-        transformers_logging.disable_progress_bar()  # one bar per load clutters every command
+    quiet_transformers()
     model = AutoModelForCausalLM.from_pretrained(
         folder, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs
     )

@@ -16,7 +16,6 @@ the same model an uninterrupted one does.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -26,16 +25,9 @@ from torch import nn
 
 from forgetless.errors import InputError
 from forgetless.io import atomic_dir, write_json
+from forgetless.models.load import quiet_transformers
 
 Continuation = str  # "merge" | "continue" | "from_base"
-
-
-def _quiet_transformers() -> None:
-    """No per-shard progress bars on every stage's save and load (as ``load_model`` does)."""
-    if not os.environ.get("FORGETLESS_VERBOSE"):
-        from transformers.utils import logging as transformers_logging
-
-        transformers_logging.disable_progress_bar()
 
 
 class ModelSource:
@@ -73,7 +65,7 @@ class ModelSource:
         """A full model saved by ``FullModelEngine.save``."""
         from transformers import AutoModelForCausalLM
 
-        _quiet_transformers()
+        quiet_transformers()
         dtype = getattr(torch, self.dtype) if isinstance(self.dtype, str) else self.dtype
         model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype)
         model.eval()
@@ -124,7 +116,7 @@ class FullModelEngine(Engine):
         return model
 
     def save(self, model: nn.Module, folder: Path, source: ModelSource) -> None:
-        _quiet_transformers()
+        quiet_transformers()
         with atomic_dir(folder, overwrite=True) as tmp:
             model.save_pretrained(tmp, safe_serialization=True)
             source.tokenizer.save_pretrained(tmp)

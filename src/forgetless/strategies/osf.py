@@ -45,8 +45,9 @@ from torch import nn
 from forgetless.adapters import MLP_PROJECTIONS
 from forgetless.errors import InputError
 from forgetless.io import atomic_dir, write_json
+from forgetless.models.load import quiet_transformers
 from forgetless.strategies import Strategy, StrategyParams, register_strategy
-from forgetless.strategies._engines import Engine, ModelSource, _quiet_transformers
+from forgetless.strategies._engines import Engine, ModelSource
 
 if TYPE_CHECKING:
     from peft import OSFConfig
@@ -141,7 +142,7 @@ class OSFEngine(Engine):
             raise RuntimeError("OSFEngine.save: the model was not built by this engine")
         ranks = preserved_ranks(model)
         merged = peft_model.merge_and_unload()  # in place: the same module tree, plain Linear layers
-        _quiet_transformers()
+        quiet_transformers()
         with atomic_dir(folder, overwrite=True) as tmp:
             merged.save_pretrained(tmp, safe_serialization=True)
             source.tokenizer.save_pretrained(tmp)

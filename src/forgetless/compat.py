@@ -12,7 +12,8 @@ import inspect
 from functools import lru_cache
 from typing import Any
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 
 @lru_cache(maxsize=64)
@@ -50,3 +51,32 @@ def output_cache(output: Any) -> Any:
         if value is not None:
             return value
     raise AttributeError("the model returned no KV cache; call it with use_cache=True")
+
+
+def joinable_cache(cache: Any) -> bool:
+    """Whether ``join_caches`` can append rows to ``cache``: a cache of full-length layers
+    (transformers' ``DynamicLayer``: keys and values (B, H, L, D)). Sliding-window, static and
+    quantised layers keep positions in other ways and are not joined."""
+    from transformers.cache_utils import DynamicLayer
+
+    layers = getattr(cache, "layers", None)
+    return bool(layers) and all(type(layer) is DynamicLayer and layer.is_initialized for layer in layers)
+
+
+def join_caches(first: Any, second: Any) -> None:
+    """Append ``second``'s rows to ``first`` (both ``joinable_cache``), in place. The shorter one is
+    left-padded with zeros to the longer length; the caller pads the attention masks alike, so the
+    padded positions are masked out. transformers has no batch-append for caches (only
+    ``reorder_cache`` / ``batch_repeat_interleave``), hence this."""
+    for mine, theirs in zip(first.layers, second.layers, strict=True):
+        width = max(mine.keys.shape[-2], theirs.keys.shape[-2])
+        mine.keys = torch.cat([_left_padded(mine.keys, width), _left_padded(theirs.keys, width)])
+        mine.values = torch.cat([_left_padded(mine.values, width), _left_padded(theirs.values, width)])
+
+
+def _left_padded(states: Tensor, width: int) -> Tensor:
+    """(B, H, L, D) -> (B, H, width, D) with zeros before the first position."""
+    missing = width - states.shape[-2]
+    if missing == 0:
+        return states
+    return torch.cat([states.new_zeros(*states.shape[:-2], missing, states.shape[-1]), states], dim=-2)

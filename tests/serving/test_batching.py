@@ -12,6 +12,7 @@ import openai
 import pytest
 from serving_helpers import client, running_server, wait_until
 
+from forgetless import load_model
 from forgetless.data.formatting import PromptFormatter
 from forgetless.evaluation.evaluate import stop_token_ids_of
 from forgetless.evaluation.inference import generate_greedy
@@ -84,29 +85,46 @@ def test_concurrent_greedy_requests_batch_together_and_equal_generate_greedy(tin
         assert reply.usage.completion_tokens == len(expected.token_ids)
 
 
-def test_requests_arriving_while_a_batch_decodes_form_the_next_batch(tiny):
-    model, tokenizer = tiny
-    engine = build_engine(model, tokenizer, max_batch=8, queue_size=16)
+def _three_while_one_decodes(engine, url):
+    """Stream a long reply and, once it decodes, send three short requests; returns their replies."""
     long = {"model": "tiny-llama", "prompt": "Hi", "max_tokens": 1000, "stream": True, "temperature": 0}
-    with running_server(engine, max_tokens_limit=1000) as url:
-        api = client(url)
-        with httpx.stream("POST", f"{url}/v1/completions", json=long, timeout=60) as response:
-            lines = response.iter_lines()  # (kept: a dropped iterator closes the response)
-            next(lines)  # the long request is decoding
-            with ThreadPoolExecutor(3) as pool:
-                futures = [
-                    pool.submit(
-                        api.completions.create,
-                        model="tiny-llama",
-                        prompt=text,
-                        max_tokens=budget,
-                        temperature=0,
-                    )
-                    for text, budget in zip(TEXTS[:3], BUDGETS[:3])
-                ]
+    api = client(url)
+    with httpx.stream("POST", f"{url}/v1/completions", json=long, timeout=60) as response:
+        lines = response.iter_lines()  # (kept: a dropped iterator closes the response)
+        next(lines)  # the long request is decoding
+        with ThreadPoolExecutor(3) as pool:
+            futures = [
+                pool.submit(
+                    api.completions.create, model="tiny-llama", prompt=text, max_tokens=budget, temperature=0
+                )
+                for text, budget in zip(TEXTS[:3], BUDGETS[:3])
+            ]
+            if not engine_joins(engine):
                 wait_until(lambda: engine.waiting == 3)  # they wait for the running batch
                 response.close()  # its client leaves: the batch ends, the three decode together
-                replies = [future.result() for future in futures]
+            return [future.result() for future in futures]
+
+
+def engine_joins(engine) -> bool:
+    return engine.model.config.model_type == "llama"
+
+
+def test_requests_arriving_while_a_batch_decodes_join_it(tiny):
+    model, tokenizer = tiny
+    engine = build_engine(model, tokenizer, max_batch=8, queue_size=16)
+    with running_server(engine, max_tokens_limit=1000) as url:
+        replies = _three_while_one_decodes(engine, url)
+        assert engine.batches == 1 and engine.rows == 4  # they joined the running batch
+    for text, budget, reply in zip(TEXTS, BUDGETS, replies):
+        expected = _expected(model, tokenizer, tokenizer(text).input_ids, budget)
+        assert reply.choices[0].text.strip() == expected.text
+
+
+def test_a_model_whose_cache_cannot_join_serves_arrivals_in_the_next_batch():
+    model, tokenizer = load_model("tiny-gemma3", seed=0)  # sliding-window cache layers
+    engine = build_engine(model, tokenizer, max_batch=8, queue_size=16)
+    with running_server(engine, max_tokens_limit=1000) as url:
+        replies = _three_while_one_decodes(engine, url)
     assert (engine.batches, engine.rows) == (2, 4)
     for text, budget, reply in zip(TEXTS, BUDGETS, replies):
         expected = _expected(model, tokenizer, tokenizer(text).input_ids, budget)

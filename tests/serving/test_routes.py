@@ -132,3 +132,39 @@ def test_serve_command_loads_like_eval_and_binds_localhost(monkeypatch):
 def test_serve_command_refuses_bad_options_with_exit_2(arguments, words, capsys):
     assert main(["serve", "tiny-llama", *arguments]) == 2
     assert words in capsys.readouterr().err
+
+
+def test_rows_joining_a_slim_batch_keep_their_gate_scores_and_logits():
+    from forgetless.evaluation.inference import CachedBatch
+
+    model, tokenizer, formatter = slim_model(threshold=0.0)  # in-domain prompts run the experts
+    texts = [GATE_TEXTS[0], GENERAL[0], GATE_TEXTS[1]]
+    prompts = [formatter.prompt_ids(text) for text in texts]
+    pad, steps = tokenizer.pad_token_id, 4
+    gate = next(iter(adapter_layers(model).values())).context.gate
+    solo = []
+    for prompt in prompts:  # each prompt alone: its gate score and logits at every step
+        rows = CachedBatch(model, [prompt], pad)
+        score, logits = float(gate.scores[0]), []
+        for _ in range(steps):
+            logits.append(rows.logits[0].clone())
+            rows.step(rows.logits.argmax(-1))
+        solo.append((score, logits))
+    assert solo[0][0] < 0.0 <= solo[1][0]  # an in-domain row runs the experts, a general one yields
+    rows = CachedBatch(model, [prompts[0]], pad)
+    seen = [[rows.logits[0].clone()]]
+    rows.step(rows.logits.argmax(-1))  # the first row decodes alone for a step, then two join
+    assert rows.can_join()
+    routes = []
+    rows.join(prompts[1:], after_prefill=lambda new: routes.append(gate.scores.tolist()))
+    assert routes == [[pytest.approx(solo[1][0]), pytest.approx(solo[2][0])]]  # the new rows alone
+    assert gate.scores.tolist() == pytest.approx([score for score, _ in solo])  # joined in row order
+    seen[0].append(rows.logits[0].clone())
+    seen += [[rows.logits[1].clone()], [rows.logits[2].clone()]]
+    for _ in range(steps - 2):
+        rows.step(rows.logits.argmax(-1))
+        for row in range(3):
+            seen[row].append(rows.logits[row].clone())
+    for row, (_, logits) in enumerate(solo):
+        for got, expected in zip(seen[row], logits):
+            torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)

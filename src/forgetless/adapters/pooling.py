@@ -111,6 +111,46 @@ def reorder_sequence_state(model: nn.Module, index: Tensor) -> None:
             context.gate.reorder(index)
 
 
+def gate_state(model: nn.Module) -> list[tuple[Tensor | None, Tensor | None]]:
+    """The sample-level gate's per-sequence state of ``model``: (scores, stages) of each context."""
+    from forgetless.adapters.gate import _contexts
+
+    return [(c.gate.scores, c.gate.stages) for c in _contexts(model) if c.gate is not None]
+
+
+def join_gate_state(
+    model: nn.Module,
+    first: list[tuple[Tensor | None, Tensor | None]],
+    second: list[tuple[Tensor | None, Tensor | None]],
+) -> None:
+    """Set the gate's state to ``first``'s rows followed by ``second``'s (``gate_state`` of two
+    batches of the same model), as two KV caches joined along the batch are."""
+    from forgetless.adapters.gate import _contexts
+
+    gates = [c.gate for c in _contexts(model) if c.gate is not None]
+    for gate, (scores, stages), (more_scores, more_stages) in zip(gates, first, second, strict=True):
+        gate.scores, gate.stages = _joined(scores, more_scores), _joined(stages, more_stages)
+
+
+def restore_gate_state(model: nn.Module, state: list[tuple[Tensor | None, Tensor | None]]) -> None:
+    """Put back a ``gate_state`` taken earlier (after a forward of other rows failed)."""
+    from forgetless.adapters.gate import _contexts
+
+    gates = [c.gate for c in _contexts(model) if c.gate is not None]
+    for gate, (scores, stages) in zip(gates, state, strict=True):
+        gate.scores, gate.stages = scores, stages
+
+
+def _joined(first: Tensor | None, second: Tensor | None) -> Tensor | None:
+    if first is None and second is None:
+        return None
+    if first is None or second is None:
+        raise RuntimeError(
+            "joining sequences whose gate state differs in kind; prefill both with the same model"
+        )
+    return torch.cat([first, second.to(first.device)])
+
+
 def uses_sequence_state(model: nn.Module) -> bool:
     """Whether ``model`` has prompt-pooling layers (whose signal depends on the earlier tokens of a
     row: packed multi-sequence rows would mix them)."""

@@ -21,8 +21,14 @@ import torch
 from torch import Tensor, nn
 
 from forgetless.adapters.gate import prompt_boundary
-from forgetless.adapters.pooling import reorder_sequence_state, uses_sequence_state
-from forgetless.compat import cache_kwargs, output_cache
+from forgetless.adapters.pooling import (
+    gate_state,
+    join_gate_state,
+    reorder_sequence_state,
+    restore_gate_state,
+    uses_sequence_state,
+)
+from forgetless.compat import cache_kwargs, join_caches, joinable_cache, output_cache
 
 
 @dataclass(frozen=True)
@@ -56,6 +62,12 @@ def _left_pad(rows: Sequence[Sequence[int]], pad_id: int, device: torch.device) 
     return input_ids.to(device), attention_mask.to(device)
 
 
+def _mask_padded(attention_mask: Tensor, width: int) -> Tensor:
+    """(B, T) -> (B, width) with zeros (padding) before the first column."""
+    missing = width - attention_mask.shape[1]
+    return torch.nn.functional.pad(attention_mask, (missing, 0)) if missing else attention_mask
+
+
 def _positions(attention_mask: Tensor) -> Tensor:
     """Position of every column counted from the row's first real token (pads get 0). (B, T) long."""
     return (attention_mask.cumsum(-1) - 1).clamp(min=0)
@@ -86,14 +98,15 @@ class CachedBatch:
         prompt_logits: keep the logits of every prompt column (``prompt_logits``), not only the last.
 
     After construction, ``logits`` (B, V) predicts each row's first new token; ``prompt_logits``
-    is (B, T, V) for the padded prompts when asked for, else None.
+    is (B, T, V) for the padded prompts when asked for, else None. ``join`` adds rows while the
+    batch decodes (continuous batching).
     """
 
     @torch.no_grad()
     def __init__(
         self, model: nn.Module, prompts: Sequence[Sequence[int]], pad_id: int, prompt_logits: bool = False
     ) -> None:
-        self.model, self.device = model, model_device(model)
+        self.model, self.device, self.pad_id = model, model_device(model), pad_id
         keep_last = {"logits_to_keep": 1} if _accepts_logits_to_keep(model) and not prompt_logits else {}
         input_ids, self.attention_mask = _left_pad(prompts, pad_id, self.device)
         positions = _positions(self.attention_mask)
@@ -115,6 +128,45 @@ class CachedBatch:
         reorder_sequence_state(self.model, keep)
         self.attention_mask, self.next_position = self.attention_mask[keep], self.next_position[keep]
         self.logits, self.prompt_logits = self.logits[keep], None
+
+    def can_join(self) -> bool:
+        """Whether ``join`` can add rows: a cache of full-length layers, and no prompt pooling
+        (its running per-row means are not joined)."""
+        return joinable_cache(self.cache) and not uses_sequence_state(self.model)
+
+    @torch.no_grad()
+    def join(
+        self,
+        prompts: Sequence[Sequence[int]],
+        prompt_logits: bool = False,
+        after_prefill: Callable[[CachedBatch], None] | None = None,
+    ) -> CachedBatch:
+        """Prefill ``prompts`` on their own and append them as rows after the current ones.
+
+        The shorter of the two caches (and its attention mask) is left-padded to the longer, which
+        every row's own positions and mask make invisible, and the model's per-sequence gate state
+        is joined in the same row order. ``after_prefill(new)`` runs while the model's state holds
+        the new rows alone (to read their routes). Returns the new rows' own batch (its ``logits``
+        and ``prompt_logits``). Needs ``can_join()``.
+        """
+        running = gate_state(self.model)
+        try:
+            new = CachedBatch(self.model, prompts, self.pad_id, prompt_logits=prompt_logits)
+            added = gate_state(self.model)
+            if after_prefill is not None:
+                after_prefill(new)
+        except BaseException:
+            restore_gate_state(self.model, running)  # the running rows go on as they were
+            raise
+        join_caches(self.cache, new.cache)
+        width = max(self.attention_mask.shape[1], new.attention_mask.shape[1])
+        self.attention_mask = torch.cat(
+            [_mask_padded(self.attention_mask, width), _mask_padded(new.attention_mask, width)]
+        )
+        self.next_position = torch.cat([self.next_position, new.next_position])
+        self.logits, self.prompt_logits = torch.cat([self.logits, new.logits]), None
+        join_gate_state(self.model, running, added)
+        return new
 
     @torch.no_grad()
     def step(self, tokens: Tensor) -> Tensor:

@@ -4,7 +4,11 @@ The worker takes the oldest waiting request and up to ``max_batch - 1`` more tha
 prefills them as one left-padded batch on a KV cache (``CachedBatch``, the code ``generate_greedy``
 runs), and decodes them together one token per row per step; a row that finishes (stop token,
 stop string, ``max_tokens``, or a client that went away) leaves the batch at once, with its cache
-rows and the model's per-sequence state. Requests that arrive meanwhile wait for the next batch.
+rows and the model's per-sequence state. Requests that arrive meanwhile join the running batch
+before its next step while it has fewer than ``max_batch`` rows (continuous batching,
+``CachedBatch.join``: they are prefilled on their own and their cache rows appended); models
+whose cache cannot be joined (sliding-window layers) or that pool prompts token by token keep
+them for the next batch.
 All torch calls happen on the worker thread; the HTTP side only enqueues ``Job``s and reads their
 events (``Started``, ``Delta``, ``Finished``, ``Failed``) from an asyncio queue.
 """
@@ -21,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from forgetless.evaluation.inference import CachedBatch, model_device
+from forgetless.evaluation.inference import CachedBatch
 from forgetless.serving.decoding import (
     ReplyText,
     Sampling,
@@ -243,28 +247,73 @@ class Engine:
             finally:
                 self.running = 0
 
-    @torch.no_grad()
-    def _decode(self, jobs: list[Job]) -> None:
-        """Prefill ``jobs`` as one batch, report their routes, then decode until every row ends."""
-        scores_prompt = [job.sampling.echo and job.sampling.logprobs is not None for job in jobs]
-        prompts = [job.prompt_ids for job in jobs]
-        rows = CachedBatch(self.model, prompts, self.tokenizer.pad_token_id, prompt_logits=any(scores_prompt))
+    def _started(self, jobs: list[Job], rows: CachedBatch) -> None:
+        """Right after ``jobs`` were prefilled as ``rows``: report each one's route (and its prompt's
+        log-probabilities when asked)."""
         for row, (job, route) in enumerate(zip(jobs, self.routes.read(len(jobs)))):
             scored = None
-            if scores_prompt[row]:
+            if job.sampling.echo and job.sampling.logprobs is not None:
                 scored = prompt_logprobs(
                     rows.prompt_logits[row], job.prompt_ids, job.sampling.logprobs, self.token_text
                 )
             job.emit(Started(route, scored))
         rows.prompt_logits = None  # (B, T, V): free it before decoding
-        device = model_device(self.model)
-        states = [_Row(job, self.decode, device) for job in jobs]
+
+    def _waiting_jobs(self, room: int) -> list[Job]:
+        """Up to ``room`` jobs that are waiting now, without waiting for more."""
+        jobs: list[Job] = []
+        while len(jobs) < room and not self._stopping.is_set():
+            try:
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if not job.cancelled:
+                jobs.append(job)
+        return jobs
+
+    def _join_waiting(self, rows: CachedBatch, states: list[_Row], active: list[int]) -> list[int]:
+        """Continuous batching: prefill the jobs that wait (as many as the batch has room for) and
+        add them to the running ``rows``; returns the new ``active`` (row order of ``rows``)."""
+        if self._queue.empty() or len(active) >= self.max_batch or not rows.can_join():
+            return active
+        jobs = self._waiting_jobs(self.max_batch - len(active))
+        if not jobs:
+            return active
+        echo = any(job.sampling.echo and job.sampling.logprobs is not None for job in jobs)
+        try:
+            rows.join(
+                [job.prompt_ids for job in jobs], echo, after_prefill=lambda new: self._started(jobs, new)
+            )
+        except Exception as error:  # the joining jobs fail; the running rows go on
+            logger.exception("prefilling %d joining requests failed", len(jobs))
+            for job in jobs:
+                job.emit(Failed(f"the model failed on this request: {type(error).__name__}: {error}"))
+            return active
+        self.rows += len(jobs)
+        first = len(states)
+        states.extend(_Row(job, self.decode, rows.device) for job in jobs)
+        kept = list(range(len(active))) + [
+            len(active) + offset for offset in range(len(jobs)) if not states[first + offset].finished
+        ]
+        rows.keep(kept)
+        return active + [first + offset for offset in range(len(jobs)) if not states[first + offset].finished]
+
+    @torch.no_grad()
+    def _decode(self, jobs: list[Job]) -> None:
+        """Prefill ``jobs`` as one batch, report their routes, then decode until every row ends;
+        jobs that arrive meanwhile join the batch while it has room (``_join_waiting``)."""
+        echo = any(job.sampling.echo and job.sampling.logprobs is not None for job in jobs)
+        rows = CachedBatch(self.model, [job.prompt_ids for job in jobs], self.tokenizer.pad_token_id, echo)
+        self._started(jobs, rows)
+        states = [_Row(job, self.decode, rows.device) for job in jobs]
         active = [row for row, state in enumerate(states) if not state.finished]
         if not active:
             return
         rows.keep(active)
-        logits = rows.logits
         while True:
+            active = self._join_waiting(rows, states, active)
+            self.running = len(active)
+            logits = rows.logits
             samplings = [states[row].sampling for row in active]
             tokens = choose_tokens(logits, samplings, [states[row].generator for row in active])
             running, self.tokens = [], self.tokens + len(active)
@@ -280,4 +329,4 @@ class Engine:
             rows.keep(running)
             tokens = tokens[torch.tensor(running, device=tokens.device)]
             active = [active[position] for position in running]
-            logits = rows.step(tokens)
+            rows.step(tokens)

@@ -171,7 +171,10 @@ def _measure(spec: str, groups: dict[str, list[str]], levels: list[int], max_tok
         for group, prompts in groups.items():
             out[group] = {}
             for clients in levels:
+                batches, rows = engine.batches, engine.rows
                 result = _drive(url, "bench", prompts, clients, max_tokens)
+                # rows per batch: with continuous batching, requests that joined a running batch count in it
+                result["rows_per_batch"] = round((engine.rows - rows) / max(1, engine.batches - batches), 2)
                 out[group][str(clients)] = result
                 print(spec, group, json.dumps(result), flush=True)
     return out

@@ -73,6 +73,35 @@ def test_we_load_a_plain_peft_folder(tiny, tmp_path, batch):
     torch.testing.assert_close(logits(fresh, batch), expected, atol=1e-5, rtol=0)
 
 
+def test_per_module_ranks_and_alphas_load_as_peft_computes_them(tiny, tmp_path, batch):
+    """rank_pattern / alpha_pattern: the one PEFT reader (adapters/peft_lora.py) gives each module
+    its own rank and scaling, as ``forgetless merge`` reads the same folder."""
+    from forgetless.adapters.peft_lora import read_peft_lora
+
+    model, alias = tiny
+    config = PeftLoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=["up_proj", "v_proj"],
+        rank_pattern={"v_proj": 2},
+        alpha_pattern={"up_proj": 24},
+    )
+    peft_model = get_peft_model(model, config)
+    with torch.no_grad():
+        for name, parameter in peft_model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.3, generator=torch.Generator().manual_seed(len(name)))
+    peft_model.eval()
+    expected = logits(peft_model, batch)
+    peft_model.save_pretrained(tmp_path / "peft")
+    read = read_peft_lora(tmp_path / "peft")
+    scalings = {name.rsplit(".", 1)[-1]: (m.rank, m.scaling) for name, m in read.modules.items()}
+    assert scalings == {"up_proj": (4, 6.0), "v_proj": (2, 4.0)}
+    fresh, _ = load_model(alias, seed=0)
+    load_adapter(fresh, tmp_path / "peft")
+    torch.testing.assert_close(logits(fresh, batch), expected, atol=1e-5, rtol=0)
+
+
 def test_export_peft_lora_alone(tiny, tmp_path):
     model, alias = tiny
     inject_adapters(model, AdapterConfig.lora(r=2))

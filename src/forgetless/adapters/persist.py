@@ -306,62 +306,50 @@ def _load_forgetless(model: nn.Module, folder: Path, base_model: str | None) -> 
 
 
 def _load_peft(model: nn.Module, folder: Path, base_model: str | None) -> list[str]:
-    path = folder / PEFT_CONFIG_FILE
-    try:
-        peft_config: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as error:
-        raise InputError(f"{path} is not valid JSON ({error}); give a PEFT LoRA folder") from None
-    if peft_config.get("peft_type") != "LORA":
+    """A PEFT LoRA folder, read by the one reader (``peft_lora.read_peft_lora``), as one LoRA adapter."""
+    from forgetless.adapters.peft_lora import read_peft_lora
+
+    adapter = read_peft_lora(folder)
+    path, config = folder / PEFT_CONFIG_FILE, adapter.config
+    if any(module.fan_in_fan_out for module in adapter.modules.values()):
         raise InputError(
-            f"{path}: peft_type {peft_config.get('peft_type')} is not LORA; only LoRA folders load"
+            f"{path}: fan_in_fan_out adapters are for Conv1D layers, and adapters here wrap nn.Linear; "
+            "merge it into its base model with forgetless merge instead"
         )
-    unsupported = [
-        ("use_dora", "DoRA"),
-        ("modules_to_save", "modules_to_save"),
-        ("rank_pattern", "per-module ranks (rank_pattern)"),
-        ("alpha_pattern", "per-module alphas (alpha_pattern)"),
-        ("fan_in_fan_out", "fan_in_fan_out"),
-    ]
-    for key, what in unsupported:
-        if peft_config.get(key):
-            raise InputError(f"{path}: {what} is not supported; load this adapter with peft instead")
-    if peft_config.get("bias", "none") != "none":
-        raise InputError(f"{path}: bias '{peft_config['bias']}' is not supported; use bias none")
-    _check_base(peft_config.get("base_model_name_or_path"), base_model, path)
-    raw = _read_tensors(folder / PEFT_WEIGHTS_FILE)
-    pattern = re.compile(r"^base_model\.model\.(.+)\.(lora_A|lora_B)(?:\.[\w-]+)?\.weight$")
-    factors: dict[str, dict[str, Tensor]] = {}
-    for key, tensor in raw.items():
-        match = pattern.match(key)
-        if match is None:
-            raise InputError(
-                f"{folder / PEFT_WEIGHTS_FILE}: tensor {key} is not a LoRA factor; only plain LoRA loads"
-            )
-        factors.setdefault(match.group(1), {})[match.group(2)] = tensor
-    for module, pair in factors.items():
-        if set(pair) != {"lora_A", "lora_B"}:
-            raise InputError(
-                f"{folder / PEFT_WEIGHTS_FILE}: {module} lacks its lora_A or lora_B; save the adapter again"
-            )
-    rank = int(peft_config.get("r", 8))
-    alpha = float(peft_config.get("lora_alpha", rank))
-    # rsLoRA scales by alpha / sqrt(r); our config's alpha / r gives that with alpha * sqrt(r)
-    scaled_alpha = alpha * math.sqrt(rank) if peft_config.get("use_rslora") else alpha
-    modules = {}
-    for module, pair in factors.items():
-        modules[module] = [pair["lora_A"].shape[1], pair["lora_B"].shape[0]]
+    _check_base(config.get("base_model_name_or_path"), base_model, path)
+    factors = {name: module.factors(adapter.reader) for name, module in adapter.modules.items()}
+    modules = {name: [a.shape[1], b.shape[0]] for name, (a, b) in factors.items()}
     _check_modules(model, modules, path)
-    config = AdapterConfig.lora(
-        r=rank,
-        alpha=scaled_alpha,
-        target_modules=[re.escape(name) for name in modules],
-        dropout=float(peft_config.get("lora_dropout") or 0.0),
-    )
+    ranks = {module.rank for module in adapter.modules.values()}
+    scalings = {module.scaling for module in adapter.modules.values()}
+    rank = max(ranks)
+    if len(ranks) == 1 and len(scalings) == 1:
+        alpha = float(config.get("lora_alpha", rank))
+        # rsLoRA scales by alpha / sqrt(r); our config's alpha / r gives that with alpha * sqrt(r)
+        alpha = alpha * math.sqrt(rank) if config.get("use_rslora") else alpha
+        folded = None
+    else:
+        # per-module ranks or alphas (rank_pattern / alpha_pattern): one config of the largest
+        # rank with scaling 1; each module's A and B padded with zeros to it (B A is unchanged)
+        # and its own scaling folded into B
+        alpha, folded = float(rank), {name: module.scaling for name, module in adapter.modules.items()}
     tensors = {}
-    for module, pair in factors.items():
-        tensors[f"{module}.lora_A"] = pair["lora_A"]
-        tensors[f"{module}.lora_B"] = pair["lora_B"]
-    return _inject_and_fill(model, config, tensors, folder / PEFT_WEIGHTS_FILE)
+    for name, (a, b) in factors.items():
+        missing = rank - a.shape[0]
+        if missing:
+            a, b = (
+                torch.cat([a, a.new_zeros(missing, a.shape[1])]),
+                torch.cat([b, b.new_zeros(b.shape[0], missing)], 1),
+            )
+        tensors[f"{name}.lora_A"] = a
+        tensors[f"{name}.lora_B"] = b * folded[name] if folded else b
+    lora = AdapterConfig.lora(
+        r=rank,
+        alpha=alpha,
+        target_modules=[re.escape(name) for name in modules],
+        dropout=float(config.get("lora_dropout") or 0.0),
+    )
+    return _inject_and_fill(model, lora, tensors, folder / PEFT_WEIGHTS_FILE)
 
 
 def recorded_base_model(folder: str | os.PathLike) -> str | None:

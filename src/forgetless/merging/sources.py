@@ -9,18 +9,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from forgetless.adapters.peft_lora import LoraAdapter, LoraModule, read_peft_lora
 from forgetless.errors import InputError
 from forgetless.merging.streaming import SafetensorsReader
 
-_LORA_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<factor>[AB])\.weight$")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 
 
@@ -78,98 +77,8 @@ class FullModel:
     config: dict
 
 
-@dataclass(frozen=True)
-class LoraModule:
-    """One adapted linear layer of a PEFT LoRA: ``delta W = scaling * B A`` (transposed for fan_in_fan_out)."""
-
-    a_key: str
-    b_key: str
-    rank: int
-    scaling: float
-    fan_in_fan_out: bool
-
-    def factors(self, reader: SafetensorsReader) -> tuple[Tensor, Tensor]:
-        """``(A (r x d_in), B (d_out x r))`` as float32."""
-        return reader.read(self.a_key).float(), reader.read(self.b_key).float()
-
-    def delta(self, reader: SafetensorsReader) -> Tensor:
-        """The dense update, shape of the base weight (``d_out x d_in``), float32."""
-        a, b = self.factors(reader)
-        delta = (b @ a).mul_(self.scaling)
-        return delta.T.contiguous() if self.fan_in_fan_out else delta
-
-
-@dataclass
-class LoraAdapter:
-    """A PEFT LoRA folder; ``modules`` maps base module names (``model.layers.0.self_attn.q_proj``) to factors."""
-
-    spec: str
-    folder: Path
-    reader: SafetensorsReader
-    config: dict
-    modules: dict[str, LoraModule] = field(default_factory=dict)
-
-    def delta_shape(self, module: str) -> tuple[int, int]:
-        info = self.modules[module]
-        shape = (self.reader.shape(info.b_key)[0], self.reader.shape(info.a_key)[1])
-        return (shape[1], shape[0]) if info.fan_in_fan_out else shape
-
-
-def _pattern_value(patterns: dict, module: str, default: float) -> float:
-    """PEFT's rank_pattern / alpha_pattern lookup: a key matches a module name ending with it."""
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", module):
-            return value
-    return default
-
-
 def _open_lora(spec: str, folder: Path) -> LoraAdapter:
-    config_path = folder / "adapter_config.json"
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
-        raise InputError(f"{config_path}: not readable JSON ({error}); re-save the adapter") from None
-    if config.get("peft_type", "LORA") != "LORA":
-        raise InputError(
-            f"{config_path}: peft_type {config.get('peft_type')} is not LORA; only LoRA adapters merge"
-        )
-    if config.get("use_dora"):
-        raise InputError(
-            f"{config_path}: DoRA adapters (use_dora) are not supported; merge plain LoRA adapters"
-        )
-    reader = (
-        SafetensorsReader(folder, files=[folder / "adapter_model.safetensors"])
-        if (folder / "adapter_model.safetensors").exists()
-        else SafetensorsReader(folder)
-    )
-    adapter = LoraAdapter(spec, folder, reader, config)
-    parts: dict[str, dict[str, str]] = {}
-    for key in reader.keys():
-        match = _LORA_KEY.match(key)
-        if match is None:
-            raise InputError(
-                f"{folder}: tensor '{key}' is not a LoRA factor (base_model.model.<module>.lora_A/B.weight); "
-                "adapters with modules_to_save, embedding LoRA or DoRA cannot be merged"
-            )
-        parts.setdefault(match["module"], {})[match["factor"]] = key
-    for module, keys in sorted(parts.items()):
-        if set(keys) != {"A", "B"}:
-            raise InputError(
-                f"{folder}: module {module} has lora_{next(iter(keys))} but not its partner factor"
-            )
-        rank = reader.shape(keys["A"])[0]
-        if reader.shape(keys["B"])[1] != rank:
-            raise InputError(
-                f"{folder}: module {module}: lora_A rank {rank} != lora_B rank {reader.shape(keys['B'])[1]}"
-            )
-        alpha = _pattern_value(config.get("alpha_pattern") or {}, module, config.get("lora_alpha", rank))
-        scaling = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
-        adapter.modules[module] = LoraModule(
-            keys["A"], keys["B"], rank, scaling, bool(config.get("fan_in_fan_out"))
-        )
-    if not adapter.modules:
-        raise InputError(f"{folder}: the adapter holds no LoRA factors")
-    return adapter
+    return read_peft_lora(folder, spec)
 
 
 def open_source(spec: str, scratch: Path) -> FullModel | LoraAdapter:

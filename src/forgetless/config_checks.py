@@ -62,7 +62,7 @@ def check_config(config: ExperimentConfig, source: str = "config") -> None:
                 )
             outputs = len(task_names) if config.schedule == "sequential" else 1
             if method.merge:
-                _check_registry("merge", method.merge.method, where)
+                _check_merge_method(method.merge.method, where)
                 _check_merge(method.merge, config, outputs, where)
             else:
                 _check_mix(method.mix, config, outputs, where)
@@ -199,11 +199,9 @@ def _check_mix(spec: MixSpec, config: ExperimentConfig, outputs: int, where: str
     validate_mix_config(data, f"{where}: mix", tasks_given=[True] * outputs)
 
 
-def _check_registry(kind: str, name: str, where: str) -> None:
-    try:
-        from forgetless.merging import MERGE_METHODS
-    except ImportError:  # pragma: no cover
-        return
+def _check_merge_method(name: str, where: str) -> None:
+    from forgetless.merging import MERGE_METHODS
+
     try:
         MERGE_METHODS.get(name)
     except InputError as error:

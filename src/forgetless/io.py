@@ -7,6 +7,7 @@ leftover ``.tmp-*`` siblings are ignored by readers and removed by the next writ
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -17,6 +18,13 @@ from typing import Any
 
 import torch
 from safetensors.torch import save_file
+
+
+def content_key(*parts: Any) -> str:
+    """A short stable hash of JSON-able ``parts`` (keys sorted, other objects by ``str``): the key
+    of a trained stage (its fingerprint) and of a cached evaluation."""
+    blob = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def _fsync_dir(path: Path) -> None:

@@ -8,17 +8,10 @@ change to those inputs gives a new key, so a stale score is never reused.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 from typing import Any
 
 from forgetless.io import read_json, write_json
-
-
-def cache_key(*parts: Any) -> str:
-    blob = json.dumps(parts, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 class EvalCache:

@@ -32,9 +32,9 @@ import torch
 from forgetless.config import ExperimentConfig, MethodSpec
 from forgetless.data.task import Task
 from forgetless.errors import InputError
-from forgetless.experiment.cache import EvalCache, cache_key
+from forgetless.experiment.cache import EvalCache
 from forgetless.experiment.lock import claim_run_folder, run_lock
-from forgetless.io import write_json, write_text
+from forgetless.io import content_key, write_json, write_text
 
 Log = Callable[[str], None]
 
@@ -153,7 +153,7 @@ class Runner:
         # default scope keeps the keys (and cached scores) of runs made before they existed
         settings = self.config.evaluation.model_dump(exclude={"unseen_tasks", "general_stages"})
         keys = [task.fingerprint() for task in sequence + general]
-        key = cache_key(identity, keys, settings, self.config.seed)
+        key = content_key(identity, keys, settings, self.config.seed)
         row = cache.get(key)
         if row is not None and "items" in row:  # rows cached before items were kept: score again
             return row

@@ -26,8 +26,6 @@ main process writes files and calls ``on_stage_end``.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import re
 import shutil
 from collections.abc import Callable, Sequence
@@ -44,7 +42,7 @@ from forgetless.adapters.persist import saved_config
 from forgetless.data.formatting import Encoded, PromptFormatter
 from forgetless.data.task import Example, Task
 from forgetless.errors import InputError
-from forgetless.io import read_json, write_json
+from forgetless.io import content_key, read_json, write_json
 from forgetless.strategies.context import StageContext
 from forgetless.training.checkpoint import CHECKPOINT_DIR, has_checkpoint
 from forgetless.training.config import TrainConfig
@@ -88,10 +86,6 @@ def stage_folder(out_dir: Path, stage: int, task_name: str) -> Path:
     """``out_dir/stage-{stage}-{task}`` with characters outside [A-Za-z0-9_.-] replaced by '_'."""
     safe_name = re.sub(r"[^\w.-]", "_", task_name)
     return Path(out_dir) / f"stage-{stage}-{safe_name}"
-
-
-def _fingerprint(*parts: Any) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def _encode(
@@ -241,7 +235,7 @@ def run_strategy(
     for stage, task in enumerate(tasks):
         folder = stage_folder(out_dir, stage, task.name)
         data_fingerprints = [tasks[index].fingerprint() for index in strategy.data_tasks(stage)]
-        fingerprint = _fingerprint(
+        fingerprint = content_key(
             description,
             str(source.spec),
             config.fingerprint(),  # includes the seed, hence the tiny models' weights

@@ -53,18 +53,22 @@ def test_peft_loads_our_lora_folder(saved_lora, batch):
     torch.testing.assert_close(logits(peft_model, batch), expected, atol=1e-5, rtol=0)
 
 
-def test_we_load_a_plain_peft_folder(tiny, tmp_path, batch):
-    model, alias = tiny
-    peft_model = get_peft_model(
-        model, PeftLoraConfig(r=4, lora_alpha=16, target_modules=["up_proj", "v_proj"], use_rslora=True)
-    )
+def _saved_peft(model, config, folder, batch):
+    """A PEFT LoRA with random B saved to ``folder``; returns its logits on ``batch``."""
+    peft_model = get_peft_model(model, config)
     with torch.no_grad():
         for name, parameter in peft_model.named_parameters():
             if "lora_B" in name:
                 parameter.normal_(0, 0.3, generator=torch.Generator().manual_seed(len(name)))
     peft_model.eval()
-    expected = logits(peft_model, batch)
-    peft_model.save_pretrained(tmp_path / "peft")
+    peft_model.save_pretrained(folder)
+    return logits(peft_model, batch)
+
+
+def test_we_load_a_plain_peft_folder(tiny, tmp_path, batch):
+    model, alias = tiny
+    config = PeftLoraConfig(r=4, lora_alpha=16, target_modules=["up_proj", "v_proj"], use_rslora=True)
+    expected = _saved_peft(model, config, tmp_path / "peft", batch)
     fresh, _ = load_model(alias, seed=0)
     load_adapter(fresh, tmp_path / "peft")
     assert set(adapter_layers(fresh)) == {
@@ -86,14 +90,7 @@ def test_per_module_ranks_and_alphas_load_as_peft_computes_them(tiny, tmp_path, 
         rank_pattern={"v_proj": 2},
         alpha_pattern={"up_proj": 24},
     )
-    peft_model = get_peft_model(model, config)
-    with torch.no_grad():
-        for name, parameter in peft_model.named_parameters():
-            if "lora_B" in name:
-                parameter.normal_(0, 0.3, generator=torch.Generator().manual_seed(len(name)))
-    peft_model.eval()
-    expected = logits(peft_model, batch)
-    peft_model.save_pretrained(tmp_path / "peft")
+    expected = _saved_peft(model, config, tmp_path / "peft", batch)
     read = read_peft_lora(tmp_path / "peft")
     scalings = {name.rsplit(".", 1)[-1]: (m.rank, m.scaling) for name, m in read.modules.items()}
     assert scalings == {"up_proj": (4, 6.0), "v_proj": (2, 4.0)}

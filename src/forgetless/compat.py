@@ -80,3 +80,11 @@ def _left_padded(states: Tensor, width: int) -> Tensor:
     if missing == 0:
         return states
     return torch.cat([states.new_zeros(*states.shape[:-2], missing, states.shape[-1]), states], dim=-2)
+
+
+def drop_leading_columns(cache: Any, count: int) -> None:
+    """Drop the first ``count`` positions of every layer of a ``joinable_cache``, in place (the
+    columns that are padding in every row once the rows that needed them have left)."""
+    for layer in cache.layers:
+        layer.keys = layer.keys[..., count:, :]
+        layer.values = layer.values[..., count:, :]

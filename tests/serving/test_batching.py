@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import openai
 import pytest
+import torch
 from serving_helpers import client, running_server, wait_until
 
 from forgetless import load_model
@@ -177,3 +178,36 @@ def test_shutdown_lets_the_request_in_flight_finish(tiny):
     assert results["reply"].usage.completion_tokens == 200
     with pytest.raises(ApiError, match="shutting down"):
         engine.submit([])  # the worker is stopped and refuses new work
+
+
+def test_a_batch_that_rows_keep_joining_drops_the_padding_its_departed_rows_left(tiny):
+    from forgetless.evaluation.inference import CachedBatch
+
+    model, tokenizer = tiny
+    pad = tokenizer.pad_token_id
+    long, short, joining = (tokenizer(text).input_ids for text in ("word " * 30, "Hi", "Name a colour"))
+
+    def solo(prompt, steps):
+        rows, logits = CachedBatch(model, [prompt], pad), []
+        for _ in range(steps):
+            logits.append(rows.logits[0].clone())
+            rows.step(rows.logits.argmax(-1))
+        return logits
+
+    expected_short, expected_joining = solo(short, 6), solo(joining, 3)
+    rows = CachedBatch(model, [long, short], pad)
+    seen_short = []
+    for _ in range(3):
+        seen_short.append(rows.logits[1].clone())
+        rows.step(rows.logits.argmax(-1))
+    rows.keep([1])  # the long row leaves; its prompt's columns are padding in every row left
+    rows.join([joining])
+    width = max(len(short) + 3, len(joining))
+    assert rows.attention_mask.shape[1] == width == rows.cache.get_seq_length()
+    seen_joining = []
+    for _ in range(3):
+        seen_short.append(rows.logits[0].clone())
+        seen_joining.append(rows.logits[1].clone())
+        rows.step(rows.logits.argmax(-1))
+    for got, expected in zip(seen_short + seen_joining, expected_short + expected_joining):
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)

@@ -28,7 +28,7 @@ from forgetless.adapters.pooling import (
     restore_gate_state,
     uses_sequence_state,
 )
-from forgetless.compat import cache_kwargs, join_caches, joinable_cache, output_cache
+from forgetless.compat import cache_kwargs, drop_leading_columns, join_caches, joinable_cache, output_cache
 
 
 @dataclass(frozen=True)
@@ -129,6 +129,18 @@ class CachedBatch:
         self.attention_mask, self.next_position = self.attention_mask[keep], self.next_position[keep]
         self.logits, self.prompt_logits = self.logits[keep], None
 
+    def _drop_padding_columns(self) -> None:
+        """Drop leading columns that are padding in every row (left by rows that left the batch):
+        each row's positions are its own and masked columns add nothing, so results stay the
+        same (up to float summation order); a batch that rows keep joining does not grow wider
+        with every step it has run. Called by ``join`` only: plain batched generation keeps its
+        shapes, and so its numbers, exactly as before."""
+        real = self.attention_mask.any(dim=0)
+        first = int(real.float().argmax()) if bool(real.any()) else 0
+        if first > 0 and joinable_cache(self.cache):
+            drop_leading_columns(self.cache, first)
+            self.attention_mask = self.attention_mask[:, first:]
+
     def can_join(self) -> bool:
         """Whether ``join`` can add rows: a cache of full-length layers, and no prompt pooling
         (its running per-row means are not joined)."""
@@ -158,6 +170,7 @@ class CachedBatch:
         except BaseException:
             restore_gate_state(self.model, running)  # the running rows go on as they were
             raise
+        self._drop_padding_columns()
         join_caches(self.cache, new.cache)
         width = max(self.attention_mask.shape[1], new.attention_mask.shape[1])
         self.attention_mask = torch.cat(

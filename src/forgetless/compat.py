@@ -68,10 +68,14 @@ def join_caches(first: Any, second: Any) -> None:
     left-padded with zeros to the longer length; the caller pads the attention masks alike, so the
     padded positions are masked out. transformers has no batch-append for caches (only
     ``reorder_cache`` / ``batch_repeat_interleave``), hence this."""
+    joined = []
     for mine, theirs in zip(first.layers, second.layers, strict=True):
         width = max(mine.keys.shape[-2], theirs.keys.shape[-2])
-        mine.keys = torch.cat([_left_padded(mine.keys, width), _left_padded(theirs.keys, width)])
-        mine.values = torch.cat([_left_padded(mine.values, width), _left_padded(theirs.values, width)])
+        keys = torch.cat([_left_padded(mine.keys, width), _left_padded(theirs.keys, width)])
+        values = torch.cat([_left_padded(mine.values, width), _left_padded(theirs.values, width)])
+        joined.append((keys, values))
+    for layer, (keys, values) in zip(first.layers, joined):  # all built: nothing is half joined
+        layer.keys, layer.values = keys, values
 
 
 def _left_padded(states: Tensor, width: int) -> Tensor:

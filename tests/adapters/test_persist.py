@@ -99,6 +99,18 @@ def test_per_module_ranks_and_alphas_load_as_peft_computes_them(tiny, tmp_path, 
     torch.testing.assert_close(logits(fresh, batch), expected, atol=1e-5, rtol=0)
 
 
+def test_an_alpha_pattern_that_matches_every_module_sets_the_scaling(tiny, tmp_path, batch):
+    model, alias = tiny
+    config = PeftLoraConfig(
+        r=4, lora_alpha=8, target_modules=["up_proj", "v_proj"], alpha_pattern={"up_proj": 24, "v_proj": 24}
+    )
+    expected = _saved_peft(model, config, tmp_path / "peft", batch)
+    fresh, _ = load_model(alias, seed=0)
+    load_adapter(fresh, tmp_path / "peft")
+    assert {layer.scaling for layer in adapter_layers(fresh).values()} == {6.0}
+    torch.testing.assert_close(logits(fresh, batch), expected, atol=1e-5, rtol=0)
+
+
 def test_export_peft_lora_alone(tiny, tmp_path):
     model, alias = tiny
     inject_adapters(model, AdapterConfig.lora(r=2))

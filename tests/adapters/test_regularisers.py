@@ -66,6 +66,7 @@ def test_a_loramoe_layer_trains_with_its_localized_balance(tiny, batch):
     ("fields", "message"),
     [
         ({"num_experts": 5, "top_k": 5}, "use an even number"),
+        ({"layer_experts": [3, 6], "top_k": 2}, "num_experts is 3, 6, use an even number"),
         ({"yield_pooling": "sample"}, "use balance_form load"),
     ],
 )

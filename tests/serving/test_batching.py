@@ -211,3 +211,27 @@ def test_a_batch_that_rows_keep_joining_drops_the_padding_its_departed_rows_left
         rows.step(rows.logits.argmax(-1))
     for got, expected in zip(seen_short + seen_joining, expected_short + expected_joining):
         torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_a_batch_that_fails_fails_the_requests_that_joined_it(tiny, monkeypatch):
+    from forgetless.evaluation.inference import CachedBatch
+
+    original = CachedBatch.step
+
+    def failing_step(self, tokens):
+        if len(self) >= 2:  # once a request has joined the running one
+            raise RuntimeError("the device went away")
+        return original(self, tokens)
+
+    monkeypatch.setattr(CachedBatch, "step", failing_step)
+    engine = build_engine(*tiny, max_batch=8, queue_size=16)
+    long = {"model": "tiny-llama", "prompt": "Hi", "max_tokens": 1000, "stream": True, "temperature": 0}
+    with running_server(engine, max_tokens_limit=1000) as url:
+        with httpx.stream("POST", f"{url}/v1/completions", json=long, timeout=60) as response:
+            lines = response.iter_lines()
+            next(lines)  # the long request is decoding
+            with pytest.raises(openai.InternalServerError, match="the device went away"):
+                client(url).completions.create(model="tiny-llama", prompt="Name a colour", max_tokens=5)
+            assert any("the device went away" in line for line in lines)  # the running one fails too
+        reply = client(url).completions.create(model="tiny-llama", prompt="Hi", max_tokens=3)
+        assert reply.usage.completion_tokens == 3  # the server goes on

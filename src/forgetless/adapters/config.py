@@ -260,10 +260,11 @@ class AdapterConfig(BaseModel):
                 "stage_experts per_task needs the sample-level gate with per-task statistics to pick a "
                 "prompt's stage; set yield_pooling: sample and gate_statistics: per_task, or stage_experts: shared"
             )
-        if self.balance_form == "localized" and (self.num_experts < 2 or self.num_experts % 2):
+        counts = self.layer_experts or [self.num_experts]
+        if self.balance_form == "localized" and any(count < 2 or count % 2 for count in counts):
             raise ValueError(
                 f"balance_form localized splits the LoRA experts in two halves; num_experts is "
-                f"{self.num_experts}, use an even number of at least 2"
+                f"{', '.join(map(str, counts))}, use an even number of at least 2"
             )
         if self.balance_form == "localized" and self.uses_sample_gate:
             raise ValueError(

@@ -88,6 +88,9 @@ def _read_config(folder: Path) -> dict:
         (bool(config.get("use_dora")), "DoRA adapters (use_dora) are not plain LoRA"),
         (bool(config.get("modules_to_save")), "modules_to_save carries full weights beside the LoRA"),
         (config.get("bias", "none") != "none", f"bias '{config.get('bias')}' trains biases beside the LoRA"),
+        (bool(config.get("alora_invocation_tokens")), "an aLoRA applies only after its invocation tokens"),
+        (bool(config.get("layer_replication")), "layer_replication changes the base model's layers"),
+        (bool(config.get("target_parameters")), "target_parameters adapts parameters, not linear layers"),
     ]
     for refused, why in refusals:
         if refused:

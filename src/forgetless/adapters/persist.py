@@ -307,7 +307,7 @@ def _load_forgetless(model: nn.Module, folder: Path, base_model: str | None) -> 
 
 def _load_peft(model: nn.Module, folder: Path, base_model: str | None) -> list[str]:
     """A PEFT LoRA folder, read by the one reader (``peft_lora.read_peft_lora``), as one LoRA adapter."""
-    from forgetless.adapters.peft_lora import read_peft_lora
+    from forgetless.adapters.peft_lora import pattern_value, read_peft_lora
 
     adapter = read_peft_lora(folder)
     path, config = folder / PEFT_CONFIG_FILE, adapter.config
@@ -324,7 +324,8 @@ def _load_peft(model: nn.Module, folder: Path, base_model: str | None) -> list[s
     scalings = {module.scaling for module in adapter.modules.values()}
     rank = max(ranks)
     if len(ranks) == 1 and len(scalings) == 1:
-        alpha = float(config.get("lora_alpha", rank))
+        first = next(iter(adapter.modules))  # every module has the same rank and alpha
+        alpha = float(pattern_value(config.get("alpha_pattern") or {}, first, config.get("lora_alpha", rank)))
         # rsLoRA scales by alpha / sqrt(r); our config's alpha / r gives that with alpha * sqrt(r)
         alpha = alpha * math.sqrt(rank) if config.get("use_rslora") else alpha
         folded = None

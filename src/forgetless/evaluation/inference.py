@@ -167,17 +167,23 @@ class CachedBatch:
             added = gate_state(self.model)
             if after_prefill is not None:
                 after_prefill(new)
+            self._drop_padding_columns()  # a valid state on its own: the running rows stay as they are
+            width = max(self.attention_mask.shape[1], new.attention_mask.shape[1])
+            mask = torch.cat(
+                [_mask_padded(self.attention_mask, width), _mask_padded(new.attention_mask, width)]
+            )
+            positions = torch.cat([self.next_position, new.next_position])
+            logits = torch.cat([self.logits, new.logits])
+            join_caches(self.cache, new.cache)  # builds every layer's tensors before it assigns any
         except BaseException:
             restore_gate_state(self.model, running)  # the running rows go on as they were
             raise
-        self._drop_padding_columns()
-        join_caches(self.cache, new.cache)
-        width = max(self.attention_mask.shape[1], new.attention_mask.shape[1])
-        self.attention_mask = torch.cat(
-            [_mask_padded(self.attention_mask, width), _mask_padded(new.attention_mask, width)]
+        self.attention_mask, self.next_position, self.logits, self.prompt_logits = (
+            mask,
+            positions,
+            logits,
+            None,
         )
-        self.next_position = torch.cat([self.next_position, new.next_position])
-        self.logits, self.prompt_logits = torch.cat([self.logits, new.logits]), None
         join_gate_state(self.model, running, added)
         return new
 

@@ -164,6 +164,7 @@ class Engine:
         # batches decoded, the rows they held (rows / batches: the mean batch size), tokens generated
         self.batches = self.rows = self.tokens = 0
         self._queue: queue.Queue[Job] = queue.Queue(maxsize=queue_size)
+        self._batch_jobs: list[Job] = []  # the jobs of the batch being decoded (a failure fails them all)
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -238,14 +239,15 @@ class Engine:
         while batch := self._take_batch():
             self.running = len(batch)
             self.batches, self.rows = self.batches + 1, self.rows + len(batch)
+            self._batch_jobs = list(batch)  # and every job that joins it (_join_waiting)
             try:
                 self._decode(batch)
             except Exception as error:  # one bad batch must not end the server
-                logger.exception("decoding a batch of %d failed", len(batch))
-                for job in batch:
+                logger.exception("decoding a batch of %d failed", len(self._batch_jobs))
+                for job in self._batch_jobs:
                     job.emit(Failed(f"the model failed on this batch: {type(error).__name__}: {error}"))
             finally:
-                self.running = 0
+                self.running, self._batch_jobs = 0, []
 
     def _started(self, jobs: list[Job], rows: CachedBatch) -> None:
         """Right after ``jobs`` were prefilled as ``rows``: report each one's route (and its prompt's
@@ -271,7 +273,7 @@ class Engine:
                 jobs.append(job)
         return jobs
 
-    def _join_waiting(self, rows: CachedBatch, states: list[_Row], active: list[int]) -> list[int]:
+    def _join_waiting(self, rows: CachedBatch, active: list[_Row]) -> list[_Row]:
         """Continuous batching: prefill the jobs that wait (as many as the batch has room for) and
         add them to the running ``rows``; returns the new ``active`` (row order of ``rows``)."""
         if self._queue.empty() or len(active) >= self.max_batch or not rows.can_join():
@@ -284,45 +286,46 @@ class Engine:
             rows.join(
                 [job.prompt_ids for job in jobs], echo, after_prefill=lambda new: self._started(jobs, new)
             )
-        except Exception as error:  # the joining jobs fail; the running rows go on
+        except Exception as error:  # the joining jobs fail; the running rows go on (join undid itself)
             logger.exception("prefilling %d joining requests failed", len(jobs))
             for job in jobs:
                 job.emit(Failed(f"the model failed on this request: {type(error).__name__}: {error}"))
             return active
         self.rows += len(jobs)
-        first = len(states)
-        states.extend(_Row(job, self.decode, rows.device) for job in jobs)
+        self._batch_jobs.extend(jobs)
+        joined = [_Row(job, self.decode, rows.device) for job in jobs]
         kept = list(range(len(active))) + [
-            len(active) + offset for offset in range(len(jobs)) if not states[first + offset].finished
+            len(active) + i for i, row in enumerate(joined) if not row.finished
         ]
         rows.keep(kept)
-        return active + [first + offset for offset in range(len(jobs)) if not states[first + offset].finished]
+        return active + [row for row in joined if not row.finished]
 
     @torch.no_grad()
     def _decode(self, jobs: list[Job]) -> None:
         """Prefill ``jobs`` as one batch, report their routes, then decode until every row ends;
-        jobs that arrive meanwhile join the batch while it has room (``_join_waiting``)."""
+        jobs that arrive meanwhile join the batch while it has room (``_join_waiting``). Only the
+        running rows are kept: a batch that never ends holds no finished replies."""
         echo = any(job.sampling.echo and job.sampling.logprobs is not None for job in jobs)
         rows = CachedBatch(self.model, [job.prompt_ids for job in jobs], self.tokenizer.pad_token_id, echo)
         self._started(jobs, rows)
         states = [_Row(job, self.decode, rows.device) for job in jobs]
-        active = [row for row, state in enumerate(states) if not state.finished]
+        active = [state for state in states if not state.finished]
         if not active:
             return
-        rows.keep(active)
+        rows.keep([index for index, state in enumerate(states) if not state.finished])
         while True:
-            active = self._join_waiting(rows, states, active)
+            active = self._join_waiting(rows, active)
             self.running = len(active)
             logits = rows.logits
-            samplings = [states[row].sampling for row in active]
-            tokens = choose_tokens(logits, samplings, [states[row].generator for row in active])
+            samplings = [state.sampling for state in active]
+            tokens = choose_tokens(logits, samplings, [state.generator for state in active])
             running, self.tokens = [], self.tokens + len(active)
-            for position, row in enumerate(active):
+            for position, state in enumerate(active):
                 token, top = int(tokens[position]), samplings[position].logprobs
                 scored = None
                 if top is not None:
                     scored = logprobs_of(logits[position : position + 1], [token], top, self.token_text)
-                if states[row].add(token, self.stop_token_ids, scored):
+                if state.add(token, self.stop_token_ids, scored):
                     running.append(position)
             if not running:
                 return

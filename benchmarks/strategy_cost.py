@@ -36,6 +36,8 @@ METHODS = {
     "slim": ({}, {}),
     "moe_lora": ({}, {}),
     "mixlora_dy": ({}, {}),
+    "loramoe": ({}, {}),
+    "mola": ({}, {}),
     "olora": ({"r": 16, "alpha": 32}, {}),
     "ewc": ({"r": 16, "alpha": 32}, {}),
     "lwf": ({"r": 16, "alpha": 32}, {}),

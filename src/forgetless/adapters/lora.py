@@ -16,6 +16,16 @@ from forgetless.adapters.base import ADAPTER_LAYERS, AdapterLayer, TokenContext
 from forgetless.adapters.config import AdapterConfig
 
 
+def pad_rank(a: Tensor, b: Tensor, rank: int) -> tuple[Tensor, Tensor]:
+    """A (r, d_in) and B (d_out, r) padded with zeros to ``rank``: ``B A`` is unchanged."""
+    missing = rank - a.shape[0]
+    if missing == 0:
+        return a, b
+    return torch.cat([a, a.new_zeros(missing, a.shape[1])]), torch.cat(
+        [b, b.new_zeros(b.shape[0], missing)], dim=1
+    )
+
+
 @ADAPTER_LAYERS.register("lora")
 class LoRALinear(AdapterLayer):
     """A frozen ``nn.Linear`` plus one low-rank update.

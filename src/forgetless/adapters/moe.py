@@ -14,19 +14,10 @@ from torch import Tensor, nn
 
 from forgetless.adapters.config import AdapterConfig
 from forgetless.adapters.inject import adapter_layers, inject_adapters
+from forgetless.adapters.lora import pad_rank
 from forgetless.errors import InputError
 
 Factors = dict[str, tuple[Tensor, Tensor, float]]
-
-
-def _pad_rank(a: Tensor, b: Tensor, rank: int) -> tuple[Tensor, Tensor]:
-    """A (r, d_in) and B (d_out, r) padded with zeros to ``rank``: ``B A`` is unchanged."""
-    missing = rank - a.shape[0]
-    if missing == 0:
-        return a, b
-    return torch.cat([a, a.new_zeros(missing, a.shape[1])]), torch.cat(
-        [b, b.new_zeros(b.shape[0], missing)], dim=1
-    )
 
 
 def build_lora_moe(
@@ -84,7 +75,7 @@ def build_lora_moe(
             layer = layers[name]
             for index, expert in enumerate(experts):
                 a, b, scaling = expert[name]
-                a, b = _pad_rank(a.detach(), b.detach(), rank)
+                a, b = pad_rank(a.detach(), b.detach(), rank)
                 layer.lora_A[index].copy_(a)
                 layer.lora_B[index].copy_(b)
                 layer.expert_scaling[index] = float(scaling)

@@ -307,6 +307,7 @@ def _load_forgetless(model: nn.Module, folder: Path, base_model: str | None) -> 
 
 def _load_peft(model: nn.Module, folder: Path, base_model: str | None) -> list[str]:
     """A PEFT LoRA folder, read by the one reader (``peft_lora.read_peft_lora``), as one LoRA adapter."""
+    from forgetless.adapters.lora import pad_rank
     from forgetless.adapters.peft_lora import pattern_value, read_peft_lora
 
     adapter = read_peft_lora(folder)
@@ -336,12 +337,7 @@ def _load_peft(model: nn.Module, folder: Path, base_model: str | None) -> list[s
         alpha, folded = float(rank), {name: module.scaling for name, module in adapter.modules.items()}
     tensors = {}
     for name, (a, b) in factors.items():
-        missing = rank - a.shape[0]
-        if missing:
-            a, b = (
-                torch.cat([a, a.new_zeros(missing, a.shape[1])]),
-                torch.cat([b, b.new_zeros(b.shape[0], missing)], 1),
-            )
+        a, b = pad_rank(a, b, rank)
         tensors[f"{name}.lora_A"] = a
         tensors[f"{name}.lora_B"] = b * folded[name] if folded else b
     lora = AdapterConfig.lora(

@@ -111,34 +111,30 @@ def reorder_sequence_state(model: nn.Module, index: Tensor) -> None:
             context.gate.reorder(index)
 
 
+def _gates(model: nn.Module) -> list:
+    """The sample-level gates (``SequenceGate``) of ``model``'s token contexts."""
+    from forgetless.adapters.gate import _contexts
+
+    return [context.gate for context in _contexts(model) if context.gate is not None]
+
+
 def gate_state(model: nn.Module) -> list[tuple[Tensor | None, Tensor | None]]:
-    """The sample-level gate's per-sequence state of ``model``: (scores, stages) of each context."""
-    from forgetless.adapters.gate import _contexts
-
-    return [(c.gate.scores, c.gate.stages) for c in _contexts(model) if c.gate is not None]
+    """The sample-level gate's per-sequence state of ``model``: (scores, stages) of each gate."""
+    return [(gate.scores, gate.stages) for gate in _gates(model)]
 
 
-def join_gate_state(
-    model: nn.Module,
-    first: list[tuple[Tensor | None, Tensor | None]],
-    second: list[tuple[Tensor | None, Tensor | None]],
-) -> None:
-    """Set the gate's state to ``first``'s rows followed by ``second``'s (``gate_state`` of two
-    batches of the same model), as two KV caches joined along the batch are."""
-    from forgetless.adapters.gate import _contexts
-
-    gates = [c.gate for c in _contexts(model) if c.gate is not None]
-    for gate, (scores, stages), (more_scores, more_stages) in zip(gates, first, second, strict=True):
-        gate.scores, gate.stages = _joined(scores, more_scores), _joined(stages, more_stages)
-
-
-def restore_gate_state(model: nn.Module, state: list[tuple[Tensor | None, Tensor | None]]) -> None:
-    """Put back a ``gate_state`` taken earlier (after a forward of other rows failed)."""
-    from forgetless.adapters.gate import _contexts
-
-    gates = [c.gate for c in _contexts(model) if c.gate is not None]
-    for gate, (scores, stages) in zip(gates, state, strict=True):
+def set_gate_state(model: nn.Module, state: list[tuple[Tensor | None, Tensor | None]]) -> None:
+    """Put a ``gate_state`` back (after a forward of other rows, or joined by ``joined_gate_state``)."""
+    for gate, (scores, stages) in zip(_gates(model), state, strict=True):
         gate.scores, gate.stages = scores, stages
+
+
+def joined_gate_state(
+    first: list[tuple[Tensor | None, Tensor | None]], second: list[tuple[Tensor | None, Tensor | None]]
+) -> list[tuple[Tensor | None, Tensor | None]]:
+    """``first``'s rows followed by ``second``'s (``gate_state`` of two batches of one model), as
+    two KV caches joined along the batch are."""
+    return [(_joined(s, t), _joined(u, v)) for (s, u), (t, v) in zip(first, second, strict=True)]
 
 
 def _joined(first: Tensor | None, second: Tensor | None) -> Tensor | None:

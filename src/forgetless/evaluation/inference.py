@@ -23,9 +23,9 @@ from torch import Tensor, nn
 from forgetless.adapters.gate import prompt_boundary
 from forgetless.adapters.pooling import (
     gate_state,
-    join_gate_state,
+    joined_gate_state,
     reorder_sequence_state,
-    restore_gate_state,
+    set_gate_state,
     uses_sequence_state,
 )
 from forgetless.compat import cache_kwargs, drop_leading_columns, join_caches, joinable_cache, output_cache
@@ -107,6 +107,7 @@ class CachedBatch:
         self, model: nn.Module, prompts: Sequence[Sequence[int]], pad_id: int, prompt_logits: bool = False
     ) -> None:
         self.model, self.device, self.pad_id = model, model_device(model), pad_id
+        self._joinable: bool | None = None
         keep_last = {"logits_to_keep": 1} if _accepts_logits_to_keep(model) and not prompt_logits else {}
         input_ids, self.attention_mask = _left_pad(prompts, pad_id, self.device)
         positions = _positions(self.attention_mask)
@@ -143,8 +144,11 @@ class CachedBatch:
 
     def can_join(self) -> bool:
         """Whether ``join`` can add rows: a cache of full-length layers, and no prompt pooling
-        (its running per-row means are not joined)."""
-        return joinable_cache(self.cache) and not uses_sequence_state(self.model)
+        (its running per-row means are not joined). Decided once per batch (the serving worker
+        asks before every step while requests wait)."""
+        if self._joinable is None:
+            self._joinable = joinable_cache(self.cache) and not uses_sequence_state(self.model)
+        return self._joinable
 
     @torch.no_grad()
     def join(
@@ -176,7 +180,7 @@ class CachedBatch:
             logits = torch.cat([self.logits, new.logits])
             join_caches(self.cache, new.cache)  # builds every layer's tensors before it assigns any
         except BaseException:
-            restore_gate_state(self.model, running)  # the running rows go on as they were
+            set_gate_state(self.model, running)  # the running rows go on as they were
             raise
         self.attention_mask, self.next_position, self.logits, self.prompt_logits = (
             mask,
@@ -184,7 +188,7 @@ class CachedBatch:
             logits,
             None,
         )
-        join_gate_state(self.model, running, added)
+        set_gate_state(self.model, joined_gate_state(running, added))
         return new
 
     @torch.no_grad()

@@ -77,15 +77,11 @@ class FullModel:
     config: dict
 
 
-def _open_lora(spec: str, folder: Path) -> LoraAdapter:
-    return read_peft_lora(folder, spec)
-
-
 def open_source(spec: str, scratch: Path) -> FullModel | LoraAdapter:
     """Open a spec as a full model or, when its folder has adapter_config.json, as a LoRA adapter."""
     folder = resolve_folder(spec, scratch)
     if (folder / "adapter_config.json").exists():
-        return _open_lora(spec, folder)
+        return read_peft_lora(folder, spec)
     try:
         config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:

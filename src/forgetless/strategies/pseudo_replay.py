@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import torch
@@ -97,12 +97,14 @@ def sample_replies(
     max_new_tokens: int,
     temperature: float,
     generator: torch.Generator,
+    until: Callable[[list[int]], bool] | None = None,
 ) -> list[list[int]]:
     """Sampled replies (token ids, stop token excluded) to tokenised prompts, in input order.
 
     Batches of ``BATCH_SIZE`` in input order on the project's KV-cache batch (``CachedBatch``);
     every step draws one token per running row from ``generator`` (on CPU, so the draws do not
-    depend on the device). Stop tokens cannot be drawn first, so no reply is empty.
+    depend on the device). Stop tokens cannot be drawn first, so no reply is empty. A row also
+    stops once ``until(reply so far)`` is true (its last token kept).
     """
     from forgetless.evaluation.inference import CachedBatch
 
@@ -123,7 +125,7 @@ def sample_replies(
                 if token in stop_token_ids:
                     continue
                 replies[index].append(token)
-                if step + 1 < max_new_tokens:
+                if step + 1 < max_new_tokens and not (until is not None and until(replies[index])):
                     running.append(row)
             if not running:
                 break

@@ -22,7 +22,6 @@ The measurement's time is reported as ``gate_seconds``, not in the steps' ``seco
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -41,11 +40,11 @@ from forgetless.strategies.context import TrainBatch
 from forgetless.training.checkpoint import LoopState, has_checkpoint, load_checkpoint, save_checkpoint
 from forgetless.training.config import TrainConfig
 from forgetless.training.loss import AnswerOnlyLoss
+from forgetless.training.metrics import MetricsLog, progress_bar
 
 #: ``extra_loss(model, batch)``: batch is a ``forgetless.strategies.context.TrainBatch``
 ExtraLoss = Callable[..., Tensor | None]
 BeforeStep = Callable[[nn.Module, int], None]
-METRICS_FILE = "metrics.jsonl"
 
 
 class TrainingDivergedError(RuntimeError):
@@ -133,48 +132,234 @@ def _optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.
     )
 
 
-class _MetricsLog:
-    """metrics.jsonl (+ TensorBoard when installed) in the stage folder; main process only."""
+@dataclass
+class _Hooks:
+    """What a strategy adds to the loop (see ``train_model``'s arguments of the same names)."""
 
-    def __init__(self, folder: Path | None, resume_step: int, enabled: bool) -> None:
-        self.path = folder / METRICS_FILE if folder is not None and enabled else None
-        self.writer = None
-        if self.path is None:
+    extra_loss: ExtraLoss | None = None
+    before_step: BeforeStep | None = None
+    after_step: BeforeStep | None = None
+    strategy_tensors: Callable[[], dict[str, Tensor]] | None = None
+
+    def tensors(self) -> dict[str, Tensor] | None:
+        return self.strategy_tensors() if self.strategy_tensors is not None else None
+
+
+@dataclass
+class _Step:
+    """One optimizer step's outcome, for the metrics line."""
+
+    loss: float
+    extra: float
+    lr: float
+    grad_norm: float | None
+    tokens: int
+    answers: int
+
+
+class _StageTrainer:
+    """The state of one stage's loop; ``train_model`` is its public face (one method per part of
+    the step order in the module docstring)."""
+
+    def __init__(
+        self, model: nn.Module, examples: Sequence[Encoded], config: TrainConfig, **settings
+    ) -> None:
+        self.model, self.examples, self.config = model, examples, config
+        self.lr, self.pad_id, self.folder = settings["lr"], settings["pad_id"], settings["folder"]
+        self.hooks: _Hooks = settings["hooks"]
+        self.description, self.fingerprint = settings["description"], settings["fingerprint"]
+        self.accelerator = make_accelerator(config.mixed_precision)
+        self.world, self.rank = self.accelerator.num_processes, self.accelerator.process_index
+        self.main = self.accelerator.is_main_process
+        self.lengths = [len(example) for example in examples]
+        self.answer_counts = [sum(label != IGNORE_INDEX for label in ex.labels[1:]) for ex in examples]
+        micro_per_epoch = math.ceil(len(examples) / config.batch_size)
+        self.steps_per_epoch = math.ceil(micro_per_epoch / config.grad_accum)
+        self.total = config.max_steps or config.epochs * self.steps_per_epoch
+        self._epoch_cache: dict[int, list[list[int]]] = {}
+
+    def micro_batches(self, step: int) -> list[list[int]]:
+        """Example indices of ``step``'s micro-batches (its epoch's seeded, bucketed order)."""
+        epoch, position = divmod(step, self.steps_per_epoch)
+        if epoch not in self._epoch_cache:
+            self._epoch_cache.clear()
+            self._epoch_cache[epoch] = epoch_batches(self.lengths, self.config, epoch)
+        accum = self.config.grad_accum
+        return self._epoch_cache[epoch][position * accum : (position + 1) * accum]
+
+    def _inputs(self, rows: Sequence[int]) -> dict[str, Tensor]:
+        batch = collate([self.examples[i] for i in rows], self.pad_id)
+        return {key: value.to(self.accelerator.device) for key, value in batch.items()}
+
+    def _prepare(self) -> None:
+        """Optimizer, checkpoint to resume from, the wrapped loss module, metrics and progress bar."""
+        self.optimizer = _optimizer(self.model, self.lr, self.config.weight_decay)
+        self.state = LoopState(fingerprint=self.fingerprint)
+        self.resumed = has_checkpoint(self.folder)
+        if self.resumed:
+            self.state = load_checkpoint(
+                self.folder, self.model, self.optimizer, self.fingerprint, self.hooks.tensors()
+            )
+        self.start_step = self.state.step
+        with_logits = self.hooks.extra_loss is not None
+        loss_module = AnswerOnlyLoss(self.model, self.config.share_prompt_prefix, with_logits=with_logits)
+        self.wrapped, self.optimizer = self.accelerator.prepare(loss_module, self.optimizer)
+        if self.state.scaler and self.accelerator.scaler is not None:
+            self.accelerator.scaler.load_state_dict(self.state.scaler)
+        self.trainable = [param for param in self.model.parameters() if param.requires_grad]
+        self.log = MetricsLog(self.folder, self.state.step, enabled=self.main)
+        show = self.config.progress and self.main
+        self.bar = progress_bar(self.total, self.state.step, self.description, enabled=show)
+
+    def run(self) -> TrainSummary:
+        self._prepare()
+        device = self.accelerator.device
+        self.wrapped.train()
+        try:
+            cuda_devices = [torch.cuda.current_device()] if device.type == "cuda" else []
+            # a sample-level gate measures each prompt the stage trains on once, in the first epoch's
+            # order, before the first step (a resumed stage's checkpoint holds what it measured)
+            first_epoch = (
+                self._inputs(rows) for step in range(min(self.total, self.steps_per_epoch))
+                for rows in self.micro_batches(step)
+            )  # fmt: skip
+            measuring = time.perf_counter()
+            with (
+                torch.random.fork_rng(devices=cuda_devices),
+                fitted_gate(self.model, first_epoch, not self.resumed) as measured,
+            ):
+                self.window_tokens, self.window_start = 0, time.perf_counter()  # after the measurement
+                self.gate_seconds = self.window_start - measuring if measured else 0.0
+                for step in range(self.state.step, self.total):
+                    started = time.perf_counter()
+                    result = self._step(step)
+                    self._account(step, result, time.perf_counter() - started)
+                    self._checkpoint()
+        finally:
+            self.bar.close()
+            self.log.close()
+            self.wrapped.eval()
+            self.accelerator.free_memory()
+        return self._summary()
+
+    def _step(self, step: int) -> _Step:
+        """Steps 1-4 of the module docstring: lr, micro-batches, backward, hooks, clip, update."""
+        config, hooks = self.config, self.hooks
+        step_lr = self.lr * lr_factor(step, self.total, config.warmup_ratio, config.scheduler)
+        for group in self.optimizer.param_groups:
+            group["lr"] = step_lr
+        # dropout noise depends only on (seed, step, process): resuming replays it exactly
+        torch.manual_seed(((config.seed * 1_000_003 + step) * 4099 + self.rank) % (2**63))
+        batches = self.micro_batches(step)
+        answers = sum(self.answer_counts[i] for batch in batches for i in batch)
+        step_loss, step_extra = self._backward(batches, answers)
+        step_value = float(step_loss) / max(answers, 1)
+        if not math.isfinite(step_value) or not math.isfinite(step_extra):
+            where = self.folder / "checkpoint" if has_checkpoint(self.folder) else "none written yet"
+            raise TrainingDivergedError(
+                f"{self.description}: loss became {step_value} at step {step + 1} (lr {step_lr:.3g}); "
+                f"lower the learning rate or use mixed_precision no (last good checkpoint: {where})"
+            )
+        if hooks.before_step is not None:
+            hooks.before_step(self.model, step)
+        grad_norm = None
+        if config.max_grad_norm is not None:
+            grad_norm = float(self.accelerator.clip_grad_norm_(self.trainable, config.max_grad_norm))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if hooks.after_step is not None:
+            hooks.after_step(self.model, step)
+        tokens = sum(self.lengths[i] for batch in batches for i in batch)
+        return _Step(step_value, step_extra, step_lr, grad_norm, tokens, answers)
+
+    def _backward(self, batches: list[list[int]], answers: int) -> tuple[Tensor, float]:
+        """Step 3: every micro-batch's loss and backward; (summed answer loss, mean extra loss)."""
+        accelerator, world, extra_loss = self.accelerator, self.world, self.hooks.extra_loss
+        step_loss = torch.zeros((), device=accelerator.device)
+        step_extra = 0.0
+        for index, batch_indices in enumerate(batches):
+            mine = batch_indices[self.rank :: world]
+            rows = mine or batch_indices[:1]
+            inputs = collate([self.examples[i] for i in rows], self.pad_id)
+            if not mine:  # fewer examples than processes: a no-loss stand-in keeps DDP in step
+                inputs["labels"].fill_(IGNORE_INDEX)
+            inputs = {key: value.to(accelerator.device) for key, value in inputs.items()}
+            last = index == len(batches) - 1
+            with contextlib.nullcontext() if last else accelerator.no_sync(self.wrapped):
+                outputs = self.wrapped(**inputs)
+                loss_sum = outputs[0]
+                # DDP averages gradients over processes: scale by world size to get the sum
+                loss = loss_sum * (world / max(answers, 1))
+                extra = None
+                if extra_loss is not None:
+                    extra = extra_loss(self.model, TrainBatch(inputs, outputs[2], outputs[3], rows))
+                if extra is not None:
+                    loss = loss + extra / len(batches)
+                    step_extra += float(extra.detach()) / len(batches)
+                accelerator.backward(loss)
+            step_loss += loss_sum.detach()
+        if world > 1:
+            step_loss = accelerator.reduce(step_loss, "sum")
+        return step_loss, step_extra
+
+    def _account(self, step: int, result: _Step, seconds: float) -> None:
+        """Step 5: the loop state, the progress bar and (every ``log_every`` steps) a metrics line."""
+        state = self.state
+        state.step = step + 1
+        state.losses.append(result.loss)
+        state.extra_losses.append(result.extra)
+        state.tokens += result.tokens
+        state.answer_tokens += result.answers
+        state.seconds += seconds
+        self.window_tokens += result.tokens
+        self.bar.update(1)
+        if state.step % self.config.log_every and state.step != self.total:
             return
-        folder.mkdir(parents=True, exist_ok=True)
-        if self.path.exists():  # drop lines logged after the checkpoint we resume from
-            kept = [
-                line
-                for line in self.path.read_text(encoding="utf-8").splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= resume_step
-            ]
-            from forgetless.io import write_text
+        rate = self.window_tokens / max(time.perf_counter() - self.window_start, 1e-9)
+        record = {
+            "step": state.step,
+            "epoch": round(state.step / self.steps_per_epoch, 4),
+            "loss": result.loss,
+            "lr": result.lr,
+            "tokens_per_s": rate,
+            "tokens": state.tokens,
+        }
+        if result.grad_norm is not None:
+            record["grad_norm"] = result.grad_norm
+        if self.hooks.extra_loss is not None:
+            record["extra_loss"] = result.extra
+        self.log.write(record)
+        self.bar.set_postfix(loss=f"{result.loss:.4f}", tok_s=f"{rate:.0f}")
+        self.window_tokens, self.window_start = 0, time.perf_counter()
 
-            write_text(self.path, "".join(line + "\n" for line in kept))
-        with contextlib.suppress(ImportError):
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(str(folder / "tensorboard"), purge_step=resume_step + 1)
-
-    def write(self, record: dict) -> None:
-        if self.path is None:
+    def _checkpoint(self) -> None:
+        """Every ``checkpoint_every`` steps (not after the last), a resumable checkpoint."""
+        every, step = self.config.checkpoint_every, self.state.step
+        if self.folder is None or not every or step % every or step >= self.total:
             return
-        with open(self.path, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record) + "\n")
-        if self.writer is not None:
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)):
-                    self.writer.add_scalar(f"train/{key}", value, record["step"])
+        if self.accelerator.scaler is not None:
+            self.state.scaler = self.accelerator.scaler.state_dict()
+        if self.main:
+            save_checkpoint(self.folder, self.model, self.optimizer, self.state, self.hooks.tensors())
+        self.accelerator.wait_for_everyone()
 
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-
-
-def _progress(total: int, initial: int, description: str, enabled: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, desc=description, disable=not enabled, dynamic_ncols=True)
+    def _summary(self) -> TrainSummary:
+        state = self.state
+        last_epoch = state.losses[-min(self.steps_per_epoch, len(state.losses)) :]
+        return TrainSummary(
+            steps=state.step,
+            epochs=round(state.step / self.steps_per_epoch, 4),
+            examples=len(self.examples),
+            tokens=state.tokens,
+            answer_tokens=state.answer_tokens,
+            first_loss=state.losses[0] if state.losses else float("nan"),
+            final_loss=sum(last_epoch) / max(len(last_epoch), 1),
+            seconds=round(state.seconds, 3),
+            tokens_per_s=state.tokens / max(state.seconds, 1e-9),
+            lr=self.lr,
+            resumed_from_step=self.start_step if self.resumed else None,
+            gate_seconds=round(self.gate_seconds, 3),
+        )
 
 
 def train_model(
@@ -217,162 +402,9 @@ def train_model(
     """
     if not examples:
         raise InputError(f"{description}: no training examples; give the task a train split")
-    accelerator = make_accelerator(config.mixed_precision)
-    world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
-    lengths = [len(example) for example in examples]
-    answer_counts = [sum(label != IGNORE_INDEX for label in example.labels[1:]) for example in examples]
-    micro_per_epoch = math.ceil(len(examples) / config.batch_size)
-    steps_per_epoch = math.ceil(micro_per_epoch / config.grad_accum)
-    total = config.max_steps or config.epochs * steps_per_epoch
-    epoch_cache: dict[int, list[list[int]]] = {}
-
-    def micro_batches(step: int) -> list[list[int]]:
-        epoch, position = divmod(step, steps_per_epoch)
-        if epoch not in epoch_cache:
-            epoch_cache.clear()
-            epoch_cache[epoch] = epoch_batches(lengths, config, epoch)
-        batches = epoch_cache[epoch]
-        return batches[position * config.grad_accum : (position + 1) * config.grad_accum]
-
-    optimizer = _optimizer(model, lr, config.weight_decay)
-    state = LoopState(fingerprint=fingerprint)
-    resumed = has_checkpoint(folder)
-    if resumed:
-        extra = strategy_tensors() if strategy_tensors is not None else None
-        state = load_checkpoint(folder, model, optimizer, fingerprint, extra)
-    start_step = state.step
-    loss_module = AnswerOnlyLoss(model, config.share_prompt_prefix, with_logits=extra_loss is not None)
-    wrapped, optimizer = accelerator.prepare(loss_module, optimizer)
-    if state.scaler and accelerator.scaler is not None:
-        accelerator.scaler.load_state_dict(state.scaler)
-    trainable = [param for param in model.parameters() if param.requires_grad]
-    device = accelerator.device
-    log = _MetricsLog(folder, state.step, enabled=main)
-    bar = _progress(total, state.step, description, enabled=config.progress and main)
-    window_tokens, window_start = 0, time.perf_counter()
-    wrapped.train()
-    try:
-        cuda_devices = [torch.cuda.current_device()] if device.type == "cuda" else []
-        # a sample-level gate measures each prompt the stage trains on once, in the first epoch's
-        # order, before the first step (a resumed stage's checkpoint holds what it measured)
-        first_epoch = (
-            {key: value.to(device) for key, value in collate([examples[i] for i in rows], pad_id).items()}
-            for step in range(min(total, steps_per_epoch))
-            for rows in micro_batches(step)
-        )
-        measuring = time.perf_counter()
-        with (
-            torch.random.fork_rng(devices=cuda_devices),
-            fitted_gate(model, first_epoch, not resumed) as measured,
-        ):
-            window_start = time.perf_counter()  # the metrics' first window starts after the measurement
-            gate_seconds = window_start - measuring if measured else 0.0
-            for step in range(state.step, total):
-                started = time.perf_counter()
-                step_lr = lr * lr_factor(step, total, config.warmup_ratio, config.scheduler)
-                for group in optimizer.param_groups:
-                    group["lr"] = step_lr
-                # dropout noise depends only on (seed, step, process): resuming replays it exactly
-                torch.manual_seed(((config.seed * 1_000_003 + step) * 4099 + rank) % (2**63))
-                batches = micro_batches(step)
-                step_answers = sum(answer_counts[i] for batch in batches for i in batch)
-                step_loss = torch.zeros((), device=device)
-                step_extra = 0.0
-                for index, batch_indices in enumerate(batches):
-                    mine = batch_indices[rank::world]
-                    rows = mine or batch_indices[:1]
-                    inputs = collate([examples[i] for i in rows], pad_id)
-                    if not mine:  # fewer examples than processes: a no-loss stand-in keeps DDP in step
-                        inputs["labels"].fill_(IGNORE_INDEX)
-                    inputs = {key: value.to(device) for key, value in inputs.items()}
-                    last = index == len(batches) - 1
-                    with contextlib.nullcontext() if last else accelerator.no_sync(wrapped):
-                        outputs = wrapped(**inputs)
-                        loss_sum = outputs[0]
-                        # DDP averages gradients over processes: scale by world size to get the sum
-                        loss = loss_sum * (world / max(step_answers, 1))
-                        extra = None
-                        if extra_loss is not None:
-                            extra = extra_loss(model, TrainBatch(inputs, outputs[2], outputs[3], rows))
-                        if extra is not None:
-                            loss = loss + extra / len(batches)
-                            step_extra += float(extra.detach()) / len(batches)
-                        accelerator.backward(loss)
-                    step_loss += loss_sum.detach()
-                if world > 1:
-                    step_loss = accelerator.reduce(step_loss, "sum")
-                step_value = float(step_loss) / max(step_answers, 1)
-                if not math.isfinite(step_value) or not math.isfinite(step_extra):
-                    where = folder / "checkpoint" if has_checkpoint(folder) else "none written yet"
-                    raise TrainingDivergedError(
-                        f"{description}: loss became {step_value} at step {step + 1} (lr {step_lr:.3g}); "
-                        f"lower the learning rate or use mixed_precision no (last good checkpoint: {where})"
-                    )
-                if before_step is not None:
-                    before_step(model, step)
-                grad_norm = None
-                if config.max_grad_norm is not None:
-                    grad_norm = float(accelerator.clip_grad_norm_(trainable, config.max_grad_norm))
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                if after_step is not None:
-                    after_step(model, step)
-
-                step_tokens = sum(lengths[i] for batch in batches for i in batch)
-                state.step = step + 1
-                state.losses.append(step_value)
-                state.extra_losses.append(step_extra)
-                state.tokens += step_tokens
-                state.answer_tokens += step_answers
-                state.seconds += time.perf_counter() - started
-                window_tokens += step_tokens
-                bar.update(1)
-                if state.step % config.log_every == 0 or state.step == total:
-                    rate = window_tokens / max(time.perf_counter() - window_start, 1e-9)
-                    record = {
-                        "step": state.step,
-                        "epoch": round(state.step / steps_per_epoch, 4),
-                        "loss": step_value,
-                        "lr": step_lr,
-                        "tokens_per_s": rate,
-                        "tokens": state.tokens,
-                    }
-                    if grad_norm is not None:
-                        record["grad_norm"] = grad_norm
-                    if extra_loss is not None:
-                        record["extra_loss"] = step_extra
-                    log.write(record)
-                    bar.set_postfix(loss=f"{step_value:.4f}", tok_s=f"{rate:.0f}")
-                    window_tokens, window_start = 0, time.perf_counter()
-                if (
-                    folder is not None
-                    and config.checkpoint_every
-                    and state.step % config.checkpoint_every == 0
-                ):
-                    if state.step < total:
-                        if accelerator.scaler is not None:
-                            state.scaler = accelerator.scaler.state_dict()
-                        if main:
-                            extra = strategy_tensors() if strategy_tensors is not None else None
-                            save_checkpoint(folder, model, optimizer, state, extra)
-                        accelerator.wait_for_everyone()
-    finally:
-        bar.close()
-        log.close()
-        wrapped.eval()
-        accelerator.free_memory()
-    last_epoch = state.losses[-min(steps_per_epoch, len(state.losses)) :]
-    return TrainSummary(
-        steps=state.step,
-        epochs=round(state.step / steps_per_epoch, 4),
-        examples=len(examples),
-        tokens=state.tokens,
-        answer_tokens=state.answer_tokens,
-        first_loss=state.losses[0] if state.losses else float("nan"),
-        final_loss=sum(last_epoch) / max(len(last_epoch), 1),
-        seconds=round(state.seconds, 3),
-        tokens_per_s=state.tokens / max(state.seconds, 1e-9),
-        lr=lr,
-        resumed_from_step=start_step if resumed else None,
-        gate_seconds=round(gate_seconds, 3),
-    )
+    hooks = _Hooks(extra_loss, before_step, after_step, strategy_tensors)
+    trainer = _StageTrainer(
+        model, examples, config, lr=lr, pad_id=pad_id, folder=folder, hooks=hooks,
+        description=description, fingerprint=fingerprint,
+    )  # fmt: skip
+    return trainer.run()

@@ -31,7 +31,7 @@ import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -47,6 +47,9 @@ from forgetless.strategies.context import StageContext
 from forgetless.training.checkpoint import CHECKPOINT_DIR, has_checkpoint
 from forgetless.training.config import TrainConfig
 from forgetless.training.loop import TrainSummary, make_accelerator, train_model
+
+if TYPE_CHECKING:
+    from forgetless.strategies import ModelSource, Strategy
 
 DONE_FILE = "done.json"
 StageCallback = Callable[[int, nn.Module, Any], None]
@@ -209,7 +212,59 @@ def run_strategy(
         InputError: bad strategy name, params, setting, training config, empty task, or a stage
             folder written with other settings. ``TrainingDivergedError`` on a NaN/inf loss.
     """
-    from forgetless.strategies import ModelSource, check_setting, make_strategy
+    from forgetless.strategies import ModelSource
+
+    strategy, config = _checked(strategy_name, params, tasks, setting, train_config)
+    source = ModelSource(base_model_spec, dtype, seed=config.seed)  # the seed only matters for tiny models
+    lr = config.lr if config.lr is not None else strategy.default_lr
+    accelerator = make_accelerator(config.mixed_precision)
+    results: list[StageResult] = []
+    previous_fingerprint = ""
+    reapplied: dict[str, Any] = {}  # APPLY_ONLY_FIELDS of reused stages, today's values
+    for stage, task in enumerate(tasks):
+        folder = stage_folder(Path(out_dir), stage, task.name)
+        data_fingerprints = [tasks[index].fingerprint() for index in strategy.data_tasks(stage)]
+        fingerprint = content_key(
+            strategy.describe(),
+            str(source.spec),
+            config.fingerprint(),  # includes the seed, hence the tiny models' weights
+            lr,
+            stage,
+            data_fingerprints,
+            previous_fingerprint if strategy.engine.uses_previous else "",
+        )
+        done = _read_done(folder, fingerprint)
+        if done is not None:
+            reapplied.update(_check_adapter_settings(folder, done, strategy, config.seed + stage))
+            if accelerator.is_main_process:  # a kill between done.json and the delete left it
+                shutil.rmtree(folder / CHECKPOINT_DIR, ignore_errors=True)
+            results.append(_result(folder, done, cached=True))
+        else:
+            run = _StageRun(strategy, source, config, lr, accelerator, label or strategy_name)
+            done = run.train(stage, tasks, folder, results, fingerprint)
+            results.append(_result(folder, done, cached=False))
+        previous_fingerprint = fingerprint
+        if on_stage_end is not None and accelerator.is_main_process:
+            model = strategy.load(stage, source, [r.artifact for r in results])
+            if reapplied:
+                from forgetless.adapters import set_inference_options
+
+                set_inference_options(model, **reapplied)
+                setattr(model, REAPPLIED_ATTR, dict(reapplied))
+            on_stage_end(stage, model, source.tokenizer)
+            del model
+    return results
+
+
+def _checked(
+    strategy_name: str,
+    params: dict[str, Any] | None,
+    tasks: Sequence[Task],
+    setting: str,
+    train_config: TrainConfig | dict[str, Any] | None,
+) -> tuple[Strategy, TrainConfig]:
+    """The strategy and training config of a run, after every check that needs no model."""
+    from forgetless.strategies import check_setting, make_strategy
 
     check_setting(strategy_name, setting)
     strategy = make_strategy(strategy_name, params, source=f"strategy {strategy_name} params")
@@ -224,106 +279,65 @@ def run_strategy(
     for task in tasks:
         if not task.train:
             raise InputError(f"task '{task.name}' has no training examples; give it a train split")
-    out_dir = Path(out_dir)
-    source = ModelSource(base_model_spec, dtype, seed=config.seed)  # the seed only matters for tiny models
-    description = strategy.describe()
-    lr = config.lr if config.lr is not None else strategy.default_lr
-    accelerator = make_accelerator(config.mixed_precision)
-    results: list[StageResult] = []
-    previous_fingerprint = ""
-    reapplied: dict[str, Any] = {}  # APPLY_ONLY_FIELDS of reused stages, today's values
-    for stage, task in enumerate(tasks):
-        folder = stage_folder(out_dir, stage, task.name)
-        data_fingerprints = [tasks[index].fingerprint() for index in strategy.data_tasks(stage)]
-        fingerprint = content_key(
-            description,
-            str(source.spec),
-            config.fingerprint(),  # includes the seed, hence the tiny models' weights
-            lr,
-            stage,
-            data_fingerprints,
-            previous_fingerprint if strategy.engine.uses_previous else "",
-        )
-        done = _read_done(folder, fingerprint)
-        if done is not None:
-            reapplied.update(_check_adapter_settings(folder, done, strategy, config.seed + stage))
-            if accelerator.is_main_process:  # a kill between done.json and the delete left it
-                shutil.rmtree(folder / CHECKPOINT_DIR, ignore_errors=True)
-        if done is None:
-            artifacts = [result.artifact for result in results]
-            model = strategy.build(stage, source, artifacts, config.seed)
-            groups = strategy.stage_data(stage, tasks, config.seed)
-            encoded, counts = _encode(groups, source.tokenizer, config)
-            context = StageContext(
-                stage=stage,
-                tasks=tasks,
-                model=model,
-                tokenizer=source.tokenizer,
-                examples=encoded,
-                pad_id=source.tokenizer.pad_token_id,
-                seed=config.seed,
-                folder=folder,
-                previous=[result.folder for result in results],
-                resumed=has_checkpoint(folder),
-                main=accelerator.is_main_process,
-                trained_on=counts,
-                formatter=PromptFormatter(
-                    source.tokenizer, config.prompt_style, config.system_prompt, config.max_length
-                ),
-            )
-            strategy.before_training(context)
-            summary: TrainSummary = train_model(
-                model,
-                encoded,
-                config,
-                lr=lr,
-                pad_id=source.tokenizer.pad_token_id,
-                folder=folder,
-                extra_loss=strategy.extra_loss,
-                before_step=strategy.before_step,
-                after_step=strategy.after_step,
-                strategy_tensors=strategy.checkpoint_tensors,
-                description=f"{label or strategy_name} {stage + 1}/{len(tasks)} {task.name}",
-                fingerprint=fingerprint,
-            )
-            strategy.after_training(context)  # its state is written before done.json
-            done = {
-                "stage": stage,
-                "task": task.name,
-                "tasks": names,
-                **description,
-                "produces": strategy.produces,
-                "base_model": source.spec,
-                "model_seed": source.seed,
-                "artifact": strategy.engine.artifact,
-                "previous": [result.folder.name for result in results],
-                "trained_on": context.trained_on,
-                "train": config.model_dump(),
-                "lr": lr,
-                "summary": summary.to_dict(),
-                "fingerprint": fingerprint,
-            }
-            if accelerator.is_main_process:
-                strategy.save(model, folder / strategy.engine.artifact, source)
-                write_json(folder / DONE_FILE, done)  # the stage counts as done from here on
-                shutil.rmtree(folder / CHECKPOINT_DIR, ignore_errors=True)
-            accelerator.wait_for_everyone()
-            del model, context  # the context holds the model too
-            result = _result(folder, done, cached=False)
-        else:
-            result = _result(folder, done, cached=True)
-        results.append(result)
-        previous_fingerprint = fingerprint
-        if on_stage_end is not None and accelerator.is_main_process:
-            model = strategy.load(stage, source, [r.artifact for r in results])
-            if reapplied:
-                from forgetless.adapters import set_inference_options
+    return strategy, config
 
-                set_inference_options(model, **reapplied)
-                setattr(model, REAPPLIED_ATTR, dict(reapplied))
-            on_stage_end(stage, model, source.tokenizer)
-            del model
-    return results
+
+@dataclass
+class _StageRun:
+    """What every trained stage of one ``run_strategy`` call shares."""
+
+    strategy: Strategy
+    source: ModelSource
+    config: TrainConfig
+    lr: float
+    accelerator: Any
+    label: str
+
+    def train(
+        self, stage: int, tasks: Sequence[Task], folder: Path, results: list[StageResult], fingerprint: str
+    ) -> dict[str, Any]:
+        """Build, train (hooks around the loop), save and mark done one stage; its done.json record."""
+        strategy, source, config = self.strategy, self.source, self.config
+        tokenizer, main = source.tokenizer, self.accelerator.is_main_process
+        model = strategy.build(stage, source, [result.artifact for result in results], config.seed)
+        encoded, counts = _encode(strategy.stage_data(stage, tasks, config.seed), tokenizer, config)
+        context = StageContext(
+            stage=stage, tasks=tasks, model=model, tokenizer=tokenizer, examples=encoded,
+            pad_id=tokenizer.pad_token_id, seed=config.seed, folder=folder,
+            previous=[result.folder for result in results], resumed=has_checkpoint(folder), main=main,
+            trained_on=counts,
+            formatter=PromptFormatter(tokenizer, config.prompt_style, config.system_prompt, config.max_length),
+        )  # fmt: skip
+        strategy.before_training(context)
+        summary: TrainSummary = train_model(
+            model, encoded, config, lr=self.lr, pad_id=tokenizer.pad_token_id, folder=folder,
+            extra_loss=strategy.extra_loss, before_step=strategy.before_step, after_step=strategy.after_step,
+            strategy_tensors=strategy.checkpoint_tensors,
+            description=f"{self.label} {stage + 1}/{len(tasks)} {tasks[stage].name}", fingerprint=fingerprint,
+        )  # fmt: skip
+        strategy.after_training(context)  # its state is written before done.json
+        done = {
+            "stage": stage,
+            "task": tasks[stage].name,
+            "tasks": [task.name for task in tasks],
+            **strategy.describe(),
+            "produces": strategy.produces,
+            "base_model": source.spec,
+            "model_seed": source.seed,
+            "artifact": strategy.engine.artifact,
+            "previous": [result.folder.name for result in results],
+            "trained_on": context.trained_on,
+            "train": config.model_dump(),
+            "lr": self.lr,
+            "summary": summary.to_dict(),
+            "fingerprint": fingerprint,
+        }
+        if main:
+            strategy.save(model, folder / strategy.engine.artifact, source)
+            write_json(folder / DONE_FILE, done)  # the stage counts as done from here on
+            shutil.rmtree(folder / CHECKPOINT_DIR, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+        return done
 
 
 def load_stage(

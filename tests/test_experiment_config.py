@@ -143,7 +143,7 @@ def test_strategy_params_and_train_settings_checked_before_compute():
         validate_config(
             config_with(methods=[{"name": "lora", "strategy": "sequential_lora", "params": {"rank": 8}}])
         )
-    with pytest.raises(InputError, match=r"^config: train: unknown key 'lrr'"):
+    with pytest.raises(InputError, match=r"^config: unknown key 'train.lrr'. Did you mean 'lr'"):
         validate_config(config_with(train={"lrr": 1e-3}))
     with pytest.raises(
         InputError, match="unknown strategy 'sequential_lroa'. Did you mean 'sequential_lora'"

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from pydantic import ValidationError
-
 from forgetless.errors import InputError
 from forgetless.registry import did_you_mean
 
@@ -79,15 +77,8 @@ def _check_strategy(method: MethodSpec, config: ExperimentConfig, where: str, so
     except InputError as error:
         raise InputError(f"{where}: {error}") from None
     # a mistake in the run-level train section is the run's, not this method's: name it so
-    for scope, settings in ((f"{source}: ", config.train), (f"{where}: ", {**config.train, **method.train})):
-        try:
-            TrainConfig.coerce({"seed": config.seed, **settings})
-        except InputError as error:
-            raise InputError(f"{scope}{error}") from None
-        except ValidationError as error:
-            first = error.errors()[0]
-            location = ".".join(str(part) for part in first["loc"])
-            raise InputError(f"{scope}train.{location}: {first['msg']}") from None
+    for scope, settings in ((source, config.train), (where, {**config.train, **method.train})):
+        TrainConfig.coerce({"seed": config.seed, **settings}, source=scope, at=("train",))
 
 
 def _check_general(entries: list[str | TaskSpec], task_names: list[str], where: str) -> None:

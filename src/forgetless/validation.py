@@ -9,10 +9,14 @@ to report and say it the same way everywhere:
   location (for ``str | Model`` unions pydantic reports one error per branch, and the deepest is
   the branch the user meant: a mapping is a Model, not a mistyped string). Union branch tags
   (``str``, ``TaskSpec``...) are dropped from the location.
-- ``explain``: ``SOURCE: unknown key 'a.b'. Did you mean 'c'? Valid keys here: ...`` with the keys of
-  the model at that location (found by walking the root model's annotations), or
-  ``SOURCE: a.b: message``.
-- ``read_yaml_mapping``: a YAML file that must hold a mapping; a syntax error names its line.
+- ``explain``: the one line every config error becomes, in one format: ``SOURCE: unknown key 'a.b'.
+  Did you mean 'c'? Valid keys here: ...`` with the keys of the model at that location (found by
+  walking the root model's annotations), or ``SOURCE: a.b: message``. ``at`` puts the validated
+  mapping's own place in front (``train`` for a run's train section).
+- ``problem``: the same location and message for channels with their own envelope (the server's
+  JSON errors).
+- ``read_yaml_mapping`` / ``parse_yaml_mapping``: a YAML file (or text) that must hold a mapping; a
+  syntax error names its line.
 """
 
 from __future__ import annotations
@@ -61,21 +65,31 @@ def fields_at(root: type[BaseModel], location: Iterable[Any], hidden: Iterable[s
     return sorted(name for name in model.model_fields if name not in set(hidden))
 
 
+def problem(error: ValidationError, at: tuple = ()) -> tuple[str, str]:
+    """``(dotted location, message)`` of the problem ``first_problem`` picks (pydantic's
+    "Value error, " prefix dropped: the message is ours)."""
+    first, location = first_problem(error)
+    where = ".".join(str(part) for part in (*at, *location))
+    return where, first["msg"].removeprefix("Value error, ")
+
+
 def explain(
     error: ValidationError,
     source: str,
     root: type[BaseModel],
     hidden: Iterable[str] = ("base_dir",),
     hint: Callable[[str, tuple], str | None] | None = None,
+    at: tuple = (),
 ) -> str:
     """One line for ``error`` raised by validating ``root`` from ``source``.
 
     Args:
         hidden: fields the loader sets itself (never listed as keys to write).
         hint: ``hint(key, location)`` may return a better line for an unknown key.
+        at: the location of the validated mapping inside ``source`` (prefixed to the field).
     """
     first, location = first_problem(error)
-    where = ".".join(str(part) for part in location)
+    where, message = problem(error, at)
     if first["type"] == "extra_forbidden":
         key = str(location[-1])
         if hint is not None and (better := hint(key, location)):
@@ -83,7 +97,7 @@ def explain(
         valid = fields_at(root, location[:-1], hidden)
         listed = f" Valid keys here: {', '.join(valid)}" if valid else ""
         return f"{source}: unknown key '{where}'.{did_you_mean(key, valid)}{listed}"
-    return f"{source}: {where or 'config'}: {first['msg']}"
+    return f"{source}: {where or 'config'}: {message}"
 
 
 def read_yaml_mapping(path: str | Path, what: str, expected: str) -> dict[str, Any]:
@@ -92,12 +106,18 @@ def read_yaml_mapping(path: str | Path, what: str, expected: str) -> dict[str, A
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{what} {path} does not exist")
+    return parse_yaml_mapping(path.read_text(encoding="utf-8"), str(path), expected)
+
+
+def parse_yaml_mapping(text: str, source: str, expected: str) -> dict[str, Any]:
+    """The mapping in YAML ``text`` read from ``source`` (a file, a packaged resource); a syntax
+    error names its line. The one YAML reader of configs: every loader comes through here."""
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.safe_load(text)
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         line = f" line {mark.line + 1}" if mark else ""
-        raise InputError(f"{path}{line}: invalid YAML ({getattr(error, 'problem', error)})") from None
+        raise InputError(f"{source}{line}: invalid YAML ({getattr(error, 'problem', error)})") from None
     if not isinstance(data, dict):
-        raise InputError(f"{path}: expected a mapping with {expected}")
+        raise InputError(f"{source}: expected a mapping with {expected}")
     return data

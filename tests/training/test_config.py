@@ -25,11 +25,11 @@ def test_unknown_key_suggests_the_field():
 @pytest.mark.parametrize(
     ("data", "field"),
     [
-        ({"lr": -1}, "train.lr"),
-        ({"grad_accum": 0}, "train.grad_accum"),
-        ({"mixed_precision": "fp8"}, "train.mixed_precision"),
-        ({"scheduler": "step"}, "train.scheduler"),
-        ({"warmup_ratio": 2}, "train.warmup_ratio"),
+        ({"lr": -1}, "^train: lr: "),
+        ({"grad_accum": 0}, "^train: grad_accum: "),
+        ({"mixed_precision": "fp8"}, "^train: mixed_precision: "),
+        ({"scheduler": "step"}, "^train: scheduler: "),
+        ({"warmup_ratio": 2}, "^train: warmup_ratio: "),
     ],
 )
 def test_bad_values_name_the_field(data, field):

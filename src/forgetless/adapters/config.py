@@ -306,15 +306,9 @@ class AdapterConfig(BaseModel):
         try:
             return cls.model_validate(data)
         except ValidationError as error:
-            first = error.errors()[0]
-            where = "".join(f"{part}: " for part in first["loc"])
-            message = first["msg"].removeprefix("Value error, ")
-            if first["type"] == "extra_forbidden":
-                from forgetless.registry import did_you_mean
+            from forgetless.validation import explain
 
-                hint = did_you_mean(str(first["loc"][-1]), list(cls.model_fields))
-                message = f"unknown key.{hint} Remove it or use an AdapterConfig field"
-            raise InputError(f"{source}: {where}{message}") from None
+            raise InputError(explain(error, source, cls, hidden=())) from None
 
     @classmethod
     def lora(

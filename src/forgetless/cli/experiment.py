@@ -100,9 +100,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.print_config:
         print(text, end="")
         return 0
-    import yaml
+    from forgetless.validation import parse_yaml_mapping
 
-    config = validate_config(yaml.safe_load(text), "demo.yaml")
+    config = validate_config(parse_yaml_mapping(text, "demo.yaml", "the demo's experiment"), "demo.yaml")
     return _run_and_report(config, args.out)
 
 

@@ -122,9 +122,10 @@ def parse_request(model: type[_Request], data: Any) -> Any:
     try:
         request = model.model_validate(data)
     except ValidationError as error:
-        problem = error.errors()[0]
-        field = ".".join(str(part) for part in problem["loc"]) or "body"
-        raise ApiError(f"{field}: {problem['msg']}", param=field) from None
+        from forgetless.validation import problem
+
+        field, message = problem(error)
+        raise ApiError(f"{field or 'body'}: {message}", param=field or "body") from None
     if request.n != 1:
         raise ApiError("n: only n=1 is served (one reply per request); send several requests", param="n")
     if getattr(request, "best_of", None) not in (None, 1):

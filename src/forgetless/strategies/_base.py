@@ -95,9 +95,9 @@ class Strategy:
         try:
             params = self.Params.model_validate(raw)
         except ValidationError as error:
-            first = error.errors()[0]
-            field = ".".join(str(part) for part in first["loc"])
-            raise InputError(f"{self.source}.{field}: {first['msg']} (strategy '{self.name}')") from None
+            from forgetless.validation import explain
+
+            raise InputError(f"{explain(error, self.source, self.Params)} (strategy '{self.name}')") from None
         return params, adapter
 
     def make_engine(self) -> Engine:

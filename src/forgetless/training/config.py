@@ -16,7 +16,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from forgetless.errors import InputError
-from forgetless.validation import explain, first_problem
+from forgetless.validation import explain
 
 
 class TrainConfig(BaseModel):
@@ -72,21 +72,20 @@ class TrainConfig(BaseModel):
     progress: bool = Field(True, description="show a progress bar with loss, tokens/s and ETA")
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any] | None, source: str = "train") -> TrainConfig:
-        """Validate ``data``; the first problem becomes one ``InputError`` naming ``source.field``."""
+    def from_dict(cls, data: dict[str, Any] | None, source: str = "train", at: tuple = ()) -> TrainConfig:
+        """Validate ``data``; the first problem becomes one ``InputError`` line (``validation.explain``:
+        ``SOURCE: field: message``, ``at`` the section's place in ``source``, e.g. ``("train",)``)."""
         try:
             return cls.model_validate(dict(data or {}))
         except ValidationError as error:
-            first, location = first_problem(error)
-            if first["type"] == "extra_forbidden":
-                raise InputError(explain(error, source, cls)) from None
-            field = ".".join(str(part) for part in location) or "config"
-            raise InputError(f"{source}.{field}: {first['msg']}") from None
+            raise InputError(explain(error, source, cls, at=at)) from None
 
     @classmethod
-    def coerce(cls, value: TrainConfig | dict[str, Any] | None, source: str = "train") -> TrainConfig:
+    def coerce(
+        cls, value: TrainConfig | dict[str, Any] | None, source: str = "train", at: tuple = ()
+    ) -> TrainConfig:
         """A ``TrainConfig`` from itself, a mapping or None (all defaults)."""
-        return value if isinstance(value, TrainConfig) else cls.from_dict(value, source)
+        return value if isinstance(value, TrainConfig) else cls.from_dict(value, source, at)
 
     def fingerprint(self) -> str:
         """Hash of the fields that change the trained numbers (not logging or the progress bar)."""

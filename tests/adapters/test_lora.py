@@ -138,7 +138,7 @@ def test_l1_penalty_matches_formula_on_hand_example():
 def test_config_errors_are_one_line_input_errors():
     with pytest.raises(InputError, match="num_experts: kind lora has num_experts=1"):
         AdapterConfig.lora(num_experts=3)
-    with pytest.raises(InputError, match="rr: unknown key"):
+    with pytest.raises(InputError, match="unknown key 'rr'. Did you mean 'r'"):
         AdapterConfig.from_dict({"kind": "lora", "rr": 4})
     with pytest.raises(InputError, match="unknown adapter kind 'loraa'. Did you mean 'lora'"):
         AdapterConfig.from_dict({"kind": "loraa"})

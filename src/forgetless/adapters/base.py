@@ -59,9 +59,20 @@ class AdapterLayer(nn.Module):
     Subclasses add their parameters and implement ``forward``, ``l1_penalty`` and, where
     they route, ``balance_loss``. ``adapter_state`` holds every tensor that is saved (parameters
     and buffers outside ``base_layer``).
+
+    What a kind can do is declared here, on its class, and read by the code that depends on it
+    (merging, PEFT files, GPU export, inference options, diagnostics, the loss's prefix sharing),
+    never found out by a class or kind-name check:
+
+    - ``single_delta``: the update is one low-rank product ``scaling * B @ A`` (``low_rank_factors``):
+      it merges into the weight, reads and writes as one PEFT LoRA, exports as itself;
+    - ``routed``: tokens are routed among experts; such layers take inference options
+      (``set_inference_options``), have routing diagnostics and keep per-forward statistics.
     """
 
     kind: str = ""
+    single_delta: bool = False
+    routed: bool = False
 
     def __init__(self, base_layer: nn.Linear, config: AdapterConfig, context: TokenContext) -> None:
         super().__init__()
@@ -100,6 +111,10 @@ class AdapterLayer(nn.Module):
 
     def after_load(self) -> None:
         """Called after saved tensors were copied in (layers drop caches derived from them)."""
+
+    def low_rank_factors(self) -> tuple[Tensor, Tensor, float]:
+        """``(A (r, d_in), B (d_out, r), scaling)`` of a ``single_delta`` layer."""
+        raise NotImplementedError(f"adapter kind {self.kind} is not one low-rank update")
 
     def balance_loss(self) -> Tensor | None:
         """The load-balancing loss of the last training forward, or None when the layer does not route."""

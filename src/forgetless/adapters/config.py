@@ -226,7 +226,11 @@ class AdapterConfig(BaseModel):
         filled = dict(data)
         if filled.get("layer_experts") and filled.get("num_experts") is None:
             filled["num_experts"] = max(filled["layer_experts"])
-        for key, value in _KIND_DEFAULTS.get(kind, _KIND_DEFAULTS["slim"]).items():
+        if kind not in _KIND_DEFAULTS:  # a kind registered by a developer without its defaults
+            raise ValueError(
+                f"adapter kind '{kind}' has no entry in _KIND_DEFAULTS (adapters/config.py); add one"
+            )
+        for key, value in _KIND_DEFAULTS[kind].items():
             if filled.get(key) is None:
                 filled[key] = value
         if filled.get("stage_experts") is None:

@@ -128,9 +128,7 @@ def routing_diagnostics(model: nn.Module, batches: Iterable[Mapping[str, Tensor]
     Raises:
         InputError: the model has no mixture adapters (moe_lora / slim).
     """
-    layers = {
-        name: layer for name, layer in adapter_layers(model).items() if isinstance(layer, MixtureLinear)
-    }
+    layers = {name: layer for name, layer in adapter_layers(model).items() if layer.routed}
     if not layers:
         raise InputError(
             "the model has no moe_lora or slim adapters; routing diagnostics need a routed adapter"

@@ -209,14 +209,8 @@ def lora_factors(model: nn.Module) -> dict[str, tuple[Tensor, Tensor, float]]:
     Raises:
         InputError: the model has adapters but none of kind lora.
     """
-    from forgetless.adapters.lora import LoRALinear
-
     layers = adapter_layers(model)
-    factors = {
-        name: (layer.lora_A, layer.lora_B, float(layer.scaling))
-        for name, layer in layers.items()
-        if isinstance(layer, LoRALinear)
-    }
+    factors = {name: layer.low_rank_factors() for name, layer in layers.items() if layer.single_delta}
     if layers and not factors:
         kinds = sorted({layer.kind for layer in layers.values()})
         raise InputError(
@@ -253,11 +247,9 @@ def merge_adapters(model: nn.Module) -> nn.Module:
     Raises:
         InputError: a layer is a mixture (moe_lora / slim): its routed output is not one matrix.
     """
-    from forgetless.adapters.lora import LoRALinear
-
     layers = adapter_layers(model)
     for name, layer in layers.items():
-        if not isinstance(layer, LoRALinear):
+        if not layer.single_delta:
             raise InputError(
                 f"{name} is a {layer.kind} adapter: a routed mixture does not reduce to one weight; "
                 "only kind lora can be merged"
@@ -291,7 +283,6 @@ def set_inference_options(model: nn.Module, **options: float | int) -> dict[str,
         InputError: an unknown option, a model without routed layers, or yielding asked of an
             adapter that has no sliding-clustering state.
     """
-    from forgetless.adapters.slim import MixtureLinear
     from forgetless.registry import did_you_mean
 
     for key in options:
@@ -300,9 +291,7 @@ def set_inference_options(model: nn.Module, **options: float | int) -> dict[str,
                 f"inference option '{key}' is unknown.{did_you_mean(key, list(INFERENCE_FIELDS))} "
                 f"Valid options: {', '.join(INFERENCE_FIELDS)}"
             )
-    layers = {
-        name: layer for name, layer in adapter_layers(model).items() if isinstance(layer, MixtureLinear)
-    }
+    layers = {name: layer for name, layer in adapter_layers(model).items() if layer.routed}
     if not layers:
         raise InputError(
             "the model has no moe_lora or slim adapter layers; inference options change those only"

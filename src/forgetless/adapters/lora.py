@@ -35,6 +35,7 @@ class LoRALinear(AdapterLayer):
     """
 
     kind = "lora"
+    single_delta = True
 
     def __init__(
         self,
@@ -54,6 +55,9 @@ class LoRALinear(AdapterLayer):
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, config.r, dtype=dtype, device=device))
         self.scaling = config.scaling
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+
+    def low_rank_factors(self) -> tuple[Tensor, Tensor, float]:
+        return self.lora_A, self.lora_B, float(self.scaling)
 
     def forward(self, x: Tensor) -> Tensor:
         """x: (..., d_in) -> (..., d_out)."""

@@ -168,7 +168,7 @@ def save_adapter(
     folder = Path(folder)
     with atomic_dir(folder, overwrite=overwrite) as tmp:
         save_tensors(tmp / WEIGHTS_FILE, state, metadata={"format": FORMAT})
-        if config.kind == "lora":
+        if next(iter(layers.values())).single_delta:  # one low-rank update: PEFT reads it too
             _write_peft_files(model, tmp, base_model)
         write_json(tmp / CONFIG_FILE, manifest)
     return folder

@@ -56,6 +56,7 @@ class MixtureLinear(SequenceRouting, AdapterLayer):
     """
 
     kind = "mixture"
+    routed = True
 
     def __init__(
         self,

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
-from forgetless.adapters import MixtureLinear, set_inference_options
+from forgetless.adapters import set_inference_options
 from forgetless.adapters.gate import prompt_boundary
 from forgetless.data.formatting import IGNORE_INDEX, PromptFormatter
 from forgetless.data.task import Task
@@ -137,7 +137,7 @@ def mean_routing_weights(
 ) -> dict[str, Tensor]:
     """module name -> (E_l,) mean routing weight of each LoRA expert of expert set ``stage`` over
     the tokens of ``sequences`` (see the module docstring)."""
-    layers = {name: layer for name, layer in layout.layers.items() if isinstance(layer, MixtureLinear)}
+    layers = {name: layer for name, layer in layout.layers.items() if layer.routed}
     tallies = {name: _Tally(layer.config.num_experts) for name, layer in layers.items()}
     try:
         for name, layer in layers.items():

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from forgetless.adapters import AdapterLayer, LoRALinear, MixtureLinear, adapter_layers
+from forgetless.adapters import AdapterLayer, adapter_layers
 from forgetless.errors import InputError
 
 SINGLE_NAME = "adapter"
@@ -97,9 +97,9 @@ def describe(model: nn.Module) -> Layout:
             "the model's adapters were injected with different configs; export models with one adapter config"
         )
     config = first.config
-    if isinstance(first, LoRALinear):
+    if first.single_delta:
         return Layout("lora", layers, [ExportedAdapter(SINGLE_NAME, None, config.r, True)], 0, [])
-    if not isinstance(first, MixtureLinear):
+    if not first.routed:
         raise InputError(f"adapter kind {first.kind} has no GPU-engine export; use lora, moe_lora or slim")
     exact = config.num_experts == 1 and config.num_identity_experts == 0
     rank = config.num_experts * config.r

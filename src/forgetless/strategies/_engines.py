@@ -151,7 +151,9 @@ class AdapterEngine(Engine):
         self.fields = dict(fields)
         self.on_previous = on_previous
         AdapterConfig.from_dict({**self.fields, "kind": kind}, source=source)  # fail before compute
-        if continuation == "merge" and kind != "lora":
+        from forgetless.adapters.base import ADAPTER_LAYERS
+
+        if continuation == "merge" and not ADAPTER_LAYERS.get(kind).single_delta:
             raise InputError(f"{source}: a {kind} adapter cannot be merged stage after stage; keep it")
 
     def config(self, seed: int):  # -> AdapterConfig

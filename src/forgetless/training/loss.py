@@ -77,7 +77,7 @@ def shared_prefix_length(input_ids: Tensor, attention_mask: Tensor, keep: Tensor
 
 def can_share_prefix(model: nn.Module) -> bool:
     """Whether computing a shared prefix once is exact for ``model`` (see the module docstring)."""
-    from forgetless.adapters import AdapterLayer, LoRALinear
+    from forgetless.adapters import AdapterLayer
 
     if not supports_logits_mask(model):
         return False
@@ -89,7 +89,7 @@ def can_share_prefix(model: nn.Module) -> bool:
     if float(getattr(getattr(model, "config", None), "attention_dropout", 0.0) or 0.0) > 0:
         return False
     for module in model.modules():
-        if isinstance(module, AdapterLayer) and not isinstance(module, LoRALinear):
+        if isinstance(module, AdapterLayer) and module.routed:
             return False  # routed adapters keep per-forward statistics (clusters, balance loss)
         if isinstance(module, nn.Dropout) and module.p > 0:
             return False

@@ -168,7 +168,7 @@ def test_variant_needs_a_routed_strategy_and_inference_settings_only():
     with pytest.raises(InputError, match="'r' is not an inference-time setting"):
         validate_config(config_with(methods=[slim, variant(adapter={"r": 4})]))
     lora = {"name": "slim", "strategy": "sequential_lora"}
-    with pytest.raises(InputError, match="trains no moe_lora or slim adapter"):
+    with pytest.raises(InputError, match="trains no routed adapter such as moe_lora or slim"):
         validate_config(config_with(methods=[lora, variant()]))
     with pytest.raises(InputError, match="mask_ratio: Input should be less than 1"):
         validate_config(config_with(methods=[slim, variant(adapter={"mask_ratio": 1.5})]))

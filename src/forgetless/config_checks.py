@@ -119,9 +119,11 @@ def _check_variant(method: MethodSpec, config: ExperimentConfig, where: str) -> 
             )
     strategy = make_strategy(source_method.strategy, source_method.params, source="params")
     kind = getattr(strategy.engine, "kind", None)
-    if kind not in ("moe_lora", "slim"):
+    from forgetless.adapters.base import ADAPTER_LAYERS
+
+    if kind is None or not ADAPTER_LAYERS.get(kind).routed:
         raise InputError(
-            f"{where}: variant.of: '{spec.of}' trains no moe_lora or slim adapter (strategy "
+            f"{where}: variant.of: '{spec.of}' trains no routed adapter such as moe_lora or slim (strategy "
             f"{source_method.strategy}); variants change routed adapters only"
         )
     fields = {**strategy.engine.fields, "kind": kind}

@@ -44,6 +44,7 @@ METHODS = {
     "inflora": ({"r": 16, "alpha": 32}, {}),
     "osf": ({}, {"lr": 5e-5}),
     "pseudo_replay": ({"r": 16, "alpha": 32}, {}),
+    "ssr": ({"r": 16, "alpha": 32}, {}),
     "replay": ({"r": 16, "alpha": 32}, {}),
     "agem": ({"r": 16, "alpha": 32}, {}),
     "ilora": ({"r": 16, "alpha": 32}, {}),

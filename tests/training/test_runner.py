@@ -9,7 +9,7 @@ import torch
 from training_helpers import make_task
 
 from forgetless.errors import InputError
-from forgetless.training import TrainConfig, load_stage, results_table, run_strategy
+from forgetless.training import TrainConfig, load_stage, results_table, run_strategy, stage_folder
 from forgetless.training import loop as loop_module
 from forgetless.training import runner as runner_module
 
@@ -151,7 +151,8 @@ def test_a_changed_inference_default_is_applied_to_the_reused_stage(tasks, confi
 
     def record(stage, model, tokenizer):
         ratios = {layer.config.mask_ratio for layer in adapter_layers(model).values()}
-        seen.append((ratios, getattr(model, runner_module.REAPPLIED_ATTR, None), _probe(model, tokenizer)))
+        applied = runner_module.applied_options(model, stage_folder(tmp_path, stage, tasks[stage].name))
+        seen.append((ratios, applied, _probe(model, tokenizer)))
 
     run_strategy("slim", params, "tiny-llama", tasks[:1], config, tmp_path, on_stage_end=record)
     old = adapter_config._KIND_DEFAULTS["slim"]["mask_ratio"]
@@ -165,7 +166,7 @@ def test_a_changed_inference_default_is_applied_to_the_reused_stage(tasks, confi
         patch.setattr(runner_module, "train_model", must_not_train)
         results = run_strategy("slim", params, "tiny-llama", tasks[:1], config, tmp_path, on_stage_end=record)
     assert results[0].cached
-    assert seen[0][:2] == ({old}, None)
+    assert seen[0][:2] == ({old}, {})
     assert seen[1][:2] == ({0.7}, {"mask_ratio": 0.7})
     assert not torch.equal(seen[0][2], seen[1][2])  # the new ratio is really applied
 
@@ -194,7 +195,7 @@ def test_replay_in_semi_cooperative_is_refused_before_compute(tasks, tmp_path):
         ("olora", {"lambda": -1}, {}, "lambda"),
         ("one_round", {"mode": "fft", "r": 4}, {}, "'r' is an adapter setting but mode is fft"),
         ("sequential_lora", {}, {"epoch": 2}, "unknown key 'epoch'. Did you mean 'epochs'?"),
-        ("sequential_lora", {}, {"batch_size": 0}, "train.batch_size"),
+        ("sequential_lora", {}, {"batch_size": 0}, "train: batch_size: "),
     ],
 )
 def test_bad_input_is_one_line(tasks, tmp_path, name, params, train, message):

@@ -205,7 +205,7 @@ class Runner:
 
     def run_strategy_method(self, method: MethodSpec) -> dict[str, Any]:
         from forgetless.training import run_strategy, stage_folder
-        from forgetless.training.runner import REAPPLIED_ATTR
+        from forgetless.training.runner import applied_options
 
         folder = self.out / "methods" / method.name
         rows: dict[int, dict[str, Any]] = {}
@@ -225,7 +225,7 @@ class Runner:
             # reused stages saved under older inference-time defaults are scored with today's
             # values: cached scores of the old values must not be taken for them (a variant that
             # sets a value itself is not affected by it)
-            reapplied = getattr(model, REAPPLIED_ATTR, None) or {}
+            reapplied = applied_options(model, target)
 
             def key(overrides: dict[str, Any]) -> list[Any]:
                 stale = {k: v for k, v in reapplied.items() if k not in overrides}

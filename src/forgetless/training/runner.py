@@ -125,9 +125,24 @@ def _read_done(folder: Path, fingerprint: str) -> dict | None:
 #: inference-only (``mask_in_training`` off): a stage saved with other values is still what today's
 #: settings would train, so it is reused and the current values are applied when it is loaded.
 APPLY_ONLY_FIELDS = ("mask_ratio", "merge_scale")
-#: Attribute set on a model handed to ``on_stage_end`` when reused stages got current values of
-#: ``APPLY_ONLY_FIELDS`` (a dict of them): callers that cache scores must key on it.
-REAPPLIED_ATTR = "forgetless_reapplied_options"
+
+
+def applied_options(model: nn.Module, folder: Path) -> dict[str, Any]:
+    """The ``APPLY_ONLY_FIELDS`` with which ``model`` (the model after the stage in ``folder``, as
+    ``on_stage_end`` gets it) is applied differently from how the stage's adapter was saved: the
+    current values of a reused stage saved under older defaults. Callers that cache scores key on
+    them; {} for a stage saved with today's values or a model without routed adapters."""
+    from forgetless.adapters import adapter_layers
+
+    routed = [layer for layer in adapter_layers(model).values() if layer.routed]
+    done_path = folder / DONE_FILE
+    if not routed or not done_path.is_file():
+        return {}
+    saved_path = folder / str(read_json(done_path).get("artifact", "")) / "forgetless_adapter.json"
+    if not saved_path.is_file():
+        return {}
+    saved, current = saved_config(read_json(saved_path)), routed[0].config.model_dump()
+    return {k: current[k] for k in APPLY_ONLY_FIELDS if k in saved and saved[k] != current[k]}
 
 
 def _check_adapter_settings(folder: Path, done: dict, strategy: Any, seed: int) -> dict[str, Any]:
@@ -250,7 +265,6 @@ def run_strategy(
                 from forgetless.adapters import set_inference_options
 
                 set_inference_options(model, **reapplied)
-                setattr(model, REAPPLIED_ATTR, dict(reapplied))
             on_stage_end(stage, model, source.tokenizer)
             del model
     return results

@@ -69,8 +69,11 @@ def problem(error: ValidationError, at: tuple = ()) -> tuple[str, str]:
     """``(dotted location, message)`` of the problem ``first_problem`` picks (pydantic's
     "Value error, " prefix dropped: the message is ours)."""
     first, location = first_problem(error)
-    where = ".".join(str(part) for part in (*at, *location))
-    return where, first["msg"].removeprefix("Value error, ")
+    return _where(at, location), first["msg"].removeprefix("Value error, ")
+
+
+def _where(at: tuple, location: tuple) -> str:
+    return ".".join(str(part) for part in (*at, *location))
 
 
 def explain(
@@ -89,7 +92,7 @@ def explain(
         at: the location of the validated mapping inside ``source`` (prefixed to the field).
     """
     first, location = first_problem(error)
-    where, message = problem(error, at)
+    where, message = _where(at, location), first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         key = str(location[-1])
         if hint is not None and (better := hint(key, location)):

@@ -135,6 +135,22 @@ def sample_replies(
     return replies
 
 
+def answer_greedily(
+    model: nn.Module, tokenizer: Any, formatter: PromptFormatter, texts: Sequence[str], max_new_tokens: int
+) -> list[Any]:
+    """``model``'s greedy replies (``Generation``s) to ``texts`` as user turns formatted by
+    ``formatter``, in batches of ``BATCH_SIZE``; the caller holds the model in eval mode."""
+    from forgetless.evaluation.evaluate import stop_token_ids_of
+    from forgetless.evaluation.inference import generate_greedy
+
+    return generate_greedy(
+        model, [formatter.prompt_ids(text) for text in texts],
+        lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
+        max_new_tokens=max_new_tokens, pad_id=tokenizer.pad_token_id,
+        stop_token_ids=stop_token_ids_of(model, tokenizer, formatter), batch_size=BATCH_SIZE,
+    )  # fmt: skip
+
+
 def encode_pseudo(formatter: PromptFormatter, prompt: str, answer: str, complete: bool) -> Encoded:
     """As ``PromptFormatter.encode``, but an incomplete (budget-cut) answer gets no end token."""
     prompt_ids = formatter.prompt_ids(prompt)
@@ -156,7 +172,6 @@ def generate_pseudo_examples(
     """``count`` records {instruction, prompt, answer, complete, tokens} written by ``model``
     (see the module docstring); the model is used in eval mode and restored to its mode."""
     from forgetless.evaluation.evaluate import stop_token_ids_of
-    from forgetless.evaluation.inference import generate_greedy
 
     if count <= 0:
         return []
@@ -177,12 +192,7 @@ def generate_pseudo_examples(
                 tokenizer.decode(ids, skip_special_tokens=True).strip() or instruction
                 for ids, instruction in zip(question_ids, instructions)
             ]
-            answers = generate_greedy(
-                model, [formatter.prompt_ids(question) for question in questions],
-                lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
-                max_new_tokens=params.max_new_tokens, pad_id=tokenizer.pad_token_id,
-                stop_token_ids=stops, batch_size=BATCH_SIZE,
-            )  # fmt: skip
+            answers = answer_greedily(model, tokenizer, formatter, questions, params.max_new_tokens)
     finally:
         model.train(was_training)
     return [

@@ -63,13 +63,14 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from forgetless.data.formatting import PromptFormatter
+from forgetless.data.batching import collate
+from forgetless.data.formatting import Encoded, PromptFormatter
 from forgetless.data.task import Example
 from forgetless.strategies import ModelSource, ModeParams, Strategy, register_strategy
 from forgetless.strategies._base import mode_engine
 from forgetless.strategies._engines import Engine
 from forgetless.strategies.context import StageContext
-from forgetless.strategies.pseudo_replay import BATCH_SIZE, encode_pseudo, sample_replies
+from forgetless.strategies.pseudo_replay import BATCH_SIZE, answer_greedily, encode_pseudo, sample_replies
 
 OUTPUT_MARK = "Output:"
 
@@ -114,15 +115,13 @@ def embed(model: nn.Module, tokenizer: Any, texts: list[str]) -> np.ndarray:
     """(n, d) L2-normalised mean of ``model``'s last hidden state over each text's tokens (rows
     padded on the right, so a causal model's positions and hidden states are those of the text alone)."""
     device = next(model.parameters()).device
-    ids = [tokenizer(text).input_ids or [tokenizer.pad_token_id] for text in texts]
+    encoded = [
+        Encoded(ids, ids) for ids in (tokenizer(text).input_ids or [tokenizer.pad_token_id] for text in texts)
+    ]
     rows = []
-    for start in range(0, len(ids), BATCH_SIZE):
-        chunk = ids[start : start + BATCH_SIZE]
-        width = max(map(len, chunk))
-        input_ids = torch.tensor(
-            [row + [tokenizer.pad_token_id] * (width - len(row)) for row in chunk], device=device
-        )
-        mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in chunk], device=device)
+    for start in range(0, len(encoded), BATCH_SIZE):
+        batch = collate(encoded[start : start + BATCH_SIZE], tokenizer.pad_token_id)  # right padding
+        input_ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
         hidden = model(input_ids=input_ids, attention_mask=mask, output_hidden_states=True).hidden_states[-1]
         weights = mask.unsqueeze(-1).float()
         pooled = (hidden.float() * weights).sum(1) / weights.sum(1)
@@ -250,9 +249,6 @@ class SSR(Strategy):
 
     def _refine(self, context: StageContext, inputs: list[str]) -> list[dict[str, Any]]:
         """Step 2: the stage's trained model answers every kept input greedily."""
-        from forgetless.evaluation.evaluate import stop_token_ids_of
-        from forgetless.evaluation.inference import generate_greedy
-
         if not inputs:
             return []
         model, tokenizer = context.model, context.tokenizer
@@ -261,12 +257,7 @@ class SSR(Strategy):
         model.eval()
         try:
             with torch.no_grad():
-                answers = generate_greedy(
-                    model, [formatter.prompt_ids(text) for text in inputs],
-                    lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
-                    max_new_tokens=self.params.max_new_tokens, pad_id=tokenizer.pad_token_id,
-                    stop_token_ids=stop_token_ids_of(model, tokenizer, formatter), batch_size=BATCH_SIZE,
-                )  # fmt: skip
+                answers = answer_greedily(model, tokenizer, formatter, inputs, self.params.max_new_tokens)
         finally:
             model.train(was_training)
         return [

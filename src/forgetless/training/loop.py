@@ -162,12 +162,12 @@ class _StageTrainer:
     the step order in the module docstring)."""
 
     def __init__(
-        self, model: nn.Module, examples: Sequence[Encoded], config: TrainConfig, **settings
-    ) -> None:
+        self, model: nn.Module, examples: Sequence[Encoded], config: TrainConfig, *, lr: float, pad_id: int,
+        folder: Path | None, hooks: _Hooks, description: str, fingerprint: str,
+    ) -> None:  # fmt: skip
         self.model, self.examples, self.config = model, examples, config
-        self.lr, self.pad_id, self.folder = settings["lr"], settings["pad_id"], settings["folder"]
-        self.hooks: _Hooks = settings["hooks"]
-        self.description, self.fingerprint = settings["description"], settings["fingerprint"]
+        self.lr, self.pad_id, self.folder, self.hooks = lr, pad_id, folder, hooks
+        self.description, self.fingerprint = description, fingerprint
         self.accelerator = make_accelerator(config.mixed_precision)
         self.world, self.rank = self.accelerator.num_processes, self.accelerator.process_index
         self.main = self.accelerator.is_main_process
@@ -280,10 +280,9 @@ class _StageTrainer:
         for index, batch_indices in enumerate(batches):
             mine = batch_indices[self.rank :: world]
             rows = mine or batch_indices[:1]
-            inputs = collate([self.examples[i] for i in rows], self.pad_id)
+            inputs = self._inputs(rows)
             if not mine:  # fewer examples than processes: a no-loss stand-in keeps DDP in step
                 inputs["labels"].fill_(IGNORE_INDEX)
-            inputs = {key: value.to(accelerator.device) for key, value in inputs.items()}
             last = index == len(batches) - 1
             with contextlib.nullcontext() if last else accelerator.no_sync(self.wrapped):
                 outputs = self.wrapped(**inputs)
